@@ -1,0 +1,46 @@
+# kvstrata — the two commands are `make run` and `make test`; each sets itself up on a fresh machine.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+# Extras installed for development and CI: everything that runs without a GPU.
+EXTRAS ?= dev,redis,triton
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | md5sum | cut -c1-12)-$(subst $(comma),_,$(EXTRAS))
+comma  := ,
+
+.PHONY: run test lint bench setup system-deps clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch first, pinned, so that a CPU machine takes the CPU build instead of several GB of CUDA wheels.
+	$(PIP) install -q "torch==2.13.0"
+	$(PIP) install -q -e ".[$(EXTRAS)]"
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+# A private redis-server is started by the tests themselves; this only makes sure the binary exists.
+system-deps:
+	@command -v redis-server >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
+	  else echo "redis-server not found: install it (e.g. apt-get install redis-server)" >&2; fi; }
+
+run: setup
+	$(VENV)/bin/kvstrata serve
+
+test: setup system-deps
+	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check kvstrata tests bench
+	$(VENV)/bin/ruff format --check kvstrata tests bench
+	$(VENV)/bin/mypy
+
+bench: setup
+	@for b in bench/*.py; do echo "# $$b" >&2; $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""The cache-aware, P/D-aware request router."""

@@ -1,0 +1,1 @@
+"""The cache server daemon (`kvstrata serve`) and its admin HTTP API."""
