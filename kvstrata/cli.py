@@ -36,7 +36,7 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(
     version: Annotated[
-        Optional[bool],  # noqa: UP045 - typer needs Optional on 3.10
+        Optional[bool],
         typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit."),
     ] = None,
 ) -> None:
@@ -45,7 +45,7 @@ def _root(
 
 @app.command("config")
 def config_command(
-    config: Annotated[Optional[str], typer.Option("--config", help="TOML config file.")] = None,  # noqa: UP045
+    config: Annotated[Optional[str], typer.Option("--config", help="TOML config file.")] = None,
 ) -> None:
     """Print the effective configuration (defaults < file < KVSTRATA_* env), one field a line."""
     from kvstrata.config import describe, load_config

@@ -121,9 +121,9 @@ class IndexConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     """The global block index."""
 
     backend: Annotated[str, _doc("'memory' (embedded) or a redis:// URL")] = "memory"
-    lease_ttl_s: Annotated[float, _doc("an instance that does not heartbeat for this long stops counting")] = (
-        30.0
-    )
+    lease_ttl_s: Annotated[
+        float, _doc("an instance that does not heartbeat for this long stops counting")
+    ] = 30.0
     max_blocks: Annotated[int, _doc("bound of the memory backend, in blocks (LRU beyond it)")] = 4_000_000
     write_buffer: Annotated[int, _doc("bound of the buffer of writes retried while Redis is down")] = 100_000
 

@@ -127,7 +127,7 @@ class RemoteError(TransportError):
         self.code = code
 
 
-class IndexError_(KVStrataError):  # noqa: N801 - the trailing underscore avoids shadowing IndexError
+class IndexError_(KVStrataError):
     """A failure of the global block index."""
 
 

@@ -32,7 +32,13 @@ DTYPE_SIZES: dict[str, int] = {
 #: - ``kv_second_nhd``: (num_blocks, 2, block_size, num_kv_heads, head_size)  (vLLM FlashInfer)
 #: - ``kv_second_hnd``: (num_blocks, 2, num_kv_heads, block_size, head_size)
 #: - ``cpu_packed``:    (num_blocks, num_kv_heads, block_size, 2 * head_size)  (vLLM CPU; opaque blocks)
-ENGINE_LAYOUTS: tuple[str, ...] = ("kv_first_nhd", "kv_first_hnd", "kv_second_nhd", "kv_second_hnd", "cpu_packed")
+ENGINE_LAYOUTS: tuple[str, ...] = (
+    "kv_first_nhd",
+    "kv_first_hnd",
+    "kv_second_nhd",
+    "kv_second_hnd",
+    "cpu_packed",
+)
 
 
 class KVLayout(msgspec.Struct, frozen=True, kw_only=True):

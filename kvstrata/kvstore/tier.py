@@ -161,7 +161,9 @@ def as_byte_tensor(data: BufferLike) -> torch.Tensor:
     try:
         view = memoryview(data)
     except TypeError as exc:
-        raise InvalidArgumentError(f"chunk data must be a tensor or a buffer, not {type(data).__name__}") from exc
+        raise InvalidArgumentError(
+            f"chunk data must be a tensor or a buffer, not {type(data).__name__}"
+        ) from exc
     if not view.contiguous:
         raise InvalidArgumentError("chunk data must be a contiguous buffer")
     if view.nbytes == 0:
@@ -297,4 +299,3 @@ class Tier(ABC):
             evictions=s.evictions,
             errors=s.errors,
         )
-
