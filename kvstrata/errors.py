@@ -23,6 +23,7 @@ NIXL, torch) are translated at the boundary with ``raise ... from exc`` so calle
     ├── IndexError_                    the global block index (named so as not to shadow IndexError)
     │   └── IndexUnavailableError      the index backend (e.g. Redis) cannot be reached
     ├── KernelError                    paging/compression kernels
+    │   └── ChunkFormatError           a chunk buffer whose header is missing, corrupt or of another version
     └── ConnectorError                 the vLLM connector plug-in
 
 A miss is never an error: ``get`` returns ``None`` for a miss and raises only for a real failure.
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 __all__ = [
     "AuthenticationError",
+    "ChunkFormatError",
     "ChunkTooLargeError",
     "ConfigError",
     "ConnectError",
@@ -137,6 +139,10 @@ class IndexUnavailableError(IndexError_):
 
 class KernelError(KVStrataError):
     """A failure in the paging or compression kernels."""
+
+
+class ChunkFormatError(KernelError):
+    """A chunk buffer whose header is missing, corrupt, or of another format version: it cannot be decoded."""
 
 
 class ConnectorError(KVStrataError):
