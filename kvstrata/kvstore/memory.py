@@ -207,8 +207,10 @@ class PooledTier(Tier):
 
     def victims(self, num_bytes: int) -> list[bytes]:
         """The coldest unpinned keys whose slots add up to at least ``num_bytes``."""
-        needed = max(1, -(-num_bytes // self._pool.slot_bytes))
+        needed = -(-num_bytes // self._pool.slot_bytes)
         out: list[bytes] = []
+        if needed <= 0:
+            return out
         with self._lock:
             for key in self._policy.candidates():
                 if self._entries[key].pins:
