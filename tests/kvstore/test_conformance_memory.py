@@ -8,6 +8,7 @@ from kvstrata.kvstore.device import DeviceTier
 from kvstrata.kvstore.host import HostTier
 from kvstrata.kvstore.tier import Tier
 from tests.kvstore.conformance_tier import TierConformance, chunk_key
+from tests.kvstore.faulty import FaultyTierConformance
 
 
 class TestHostTierConformance(TierConformance):
@@ -59,4 +60,18 @@ class TestDeviceTierConformance(TierConformance):
     """DeviceTier on the CPU device (the same code runs on CUDA)."""
 
     def make_tier(self, capacity_bytes: int) -> Tier:
+        return DeviceTier(capacity_bytes, slot_bytes=self.chunk_bytes, device="cpu")
+
+
+class TestHostTierThroughFaults(FaultyTierConformance):
+    """HostTier through the fault-injecting wrapper."""
+
+    def make_inner(self, capacity_bytes: int) -> Tier:
+        return HostTier(capacity_bytes, slot_bytes=self.chunk_bytes)
+
+
+class TestDeviceTierThroughFaults(FaultyTierConformance):
+    """DeviceTier (CPU device) through the fault-injecting wrapper."""
+
+    def make_inner(self, capacity_bytes: int) -> Tier:
         return DeviceTier(capacity_bytes, slot_bytes=self.chunk_bytes, device="cpu")
