@@ -132,17 +132,19 @@ class PooledTier(Tier):
             self._count("bytes_written", length)
         self._emit_stored([key], [meta])
 
-    def _pin(self, key: bytes) -> _Entry | None:
+    def _pin(self, key: bytes, count: bool = True) -> _Entry | None:
         with self._lock:
             self._check_open()
             entry = self._entries.get(key)
             if entry is None:
-                self._count("misses")
+                if count:
+                    self._count("misses")
                 return None
             entry.pins += 1
-            self._policy.touch(key)
-            self._count("hits")
-            self._count("bytes_read", entry.length)
+            if count:
+                self._policy.touch(key)
+                self._count("hits")
+                self._count("bytes_read", entry.length)
             return entry
 
     def get(self, key: bytes, out: BufferLike | None = None) -> torch.Tensor | None:
@@ -171,10 +173,14 @@ class PooledTier(Tier):
         finally:
             self._unpin(entry)
 
-    def acquire(self, key: bytes) -> ChunkHandle | None:
-        """Pin the chunk; ``handle.data`` is a view of its slot, valid until released."""
+    def acquire(self, key: bytes, *, count: bool = True) -> ChunkHandle | None:
+        """Pin the chunk; ``handle.data`` is a view of its slot, valid until released.
+
+        ``count=False`` (the Store moving a chunk between tiers) neither counts a hit or miss nor refreshes
+        the chunk's recency.
+        """
         key = check_key(key)
-        entry = self._pin(key)
+        entry = self._pin(key, count)
         if entry is None:
             return None
         view = self._pool.view(entry.slot, entry.length)

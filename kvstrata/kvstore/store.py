@@ -1,0 +1,580 @@
+"""The ``Store``: tiers stacked top (fastest) to bottom, with write-back demotion and promotion on hit.
+
+Call order and semantics
+------------------------
+- ``put(key, data, meta)`` lands in the top tier that can hold the chunk. When that tier is full, its
+  coldest unpinned chunks are first copied to the next tier down (write-back; recursively, so nothing is
+  lost while a lower tier has room) and only then dropped. A tier whose every chunk is pinned, which is
+  too small for the chunk, or whose medium fails is passed over for the next one down; when no tier takes
+  the chunk the last error is raised (:class:`TierFullError`, :class:`ChunkTooLargeError`,
+  :class:`TierIOError`). Copies of the key in lower tiers are dropped, so a lower copy is never stale.
+  With ``write_through`` the chunk is also copied to every lower tier in the background.
+- ``get(key, out)`` searches top-down; a hit in a lower tier is promoted to the top tier (at once when the
+  top tier has a free slot, else in the background). ``None`` means a miss in every tier, and only that: a
+  tier whose medium fails is logged, counted and skipped.
+- ``acquire(key)`` pins the chunk in the highest tier holding it (zero-copy for memory tiers) and schedules
+  a promotion when that is not the top tier. A pinned chunk is never evicted or overwritten under the
+  reader; always release the handle.
+- ``lookup_prefix(keys)`` tells how many leading keys are present, and the highest tier of each.
+- Background work (write-through copies, promotions, and demotion that keeps each tier under its
+  ``high_watermark``, down to ``low_watermark``) runs on ``demotion_workers`` threads fed by one bounded
+  queue. A write-through copy that finds the queue full runs on the caller's thread (back-pressure); a
+  promotion or watermark demotion that finds it full is skipped. A failing item is logged and counted
+  (``background_errors``, and ``errors`` of the tier that failed); the worker goes on.
+- ``subscribe(listener)`` receives the events of every tier. ``flush()`` waits until background work is
+  idle; ``close()`` flushes, stops the workers and closes the tiers.
+
+The Store holds no lock of its own around tier calls: every tier is thread-safe, and races between
+concurrent puts, evictions and readers resolve inside the tiers (a victim another thread already moved is
+simply skipped).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from prometheus_client import Counter
+
+from kvstrata.config import StoreConfig
+from kvstrata.errors import (
+    ChunkTooLargeError,
+    InvalidArgumentError,
+    StoreError,
+    TierFullError,
+    TierIOError,
+)
+from kvstrata.kvstore.memory import PooledTier
+from kvstrata.kvstore.tier import (
+    EMPTY_META,
+    BufferLike,
+    ChunkHandle,
+    ChunkMeta,
+    Tier,
+    TierEvent,
+    TierListener,
+    TierStats,
+    as_byte_tensor,
+    check_key,
+)
+
+__all__ = ["PrefixLookup", "Store", "available_memory_bytes"]
+
+log = logging.getLogger(__name__)
+
+#: Background items that failed (logged; the worker goes on), per kind of item.
+BACKGROUND_ERRORS = Counter(
+    "kvstrata_store_background_errors",
+    "Store background items (demotion, promotion, copies) that failed",
+    ["kind"],
+)
+
+#: Rounds of "demote the victims, try again" before a put gives up on a tier (other threads may race it).
+_MAKE_ROOM_ROUNDS = 4
+
+
+@dataclass(frozen=True, slots=True)
+class PrefixLookup:
+    """How many leading keys are present (``num_chunks``) and the highest tier holding each of them."""
+
+    num_chunks: int
+    tiers: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class _Job:
+    kind: str  # "copy_down" | "promote" | "relieve"
+    key: bytes = b""
+    tier: int = 0
+
+
+def available_memory_bytes() -> int:
+    """RAM available to new allocations: ``MemAvailable`` of /proc/meminfo, else free pages (sysconf)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (OSError, ValueError):
+        return 0
+
+
+def _pin_for_move(tier: Tier, key: bytes) -> ChunkHandle | None:
+    # Moving a chunk between tiers is not a read: it must not count a hit nor refresh recency.
+    if isinstance(tier, PooledTier):
+        return tier.acquire(key, count=False)
+    return tier.acquire(key)
+
+
+class Store:
+    """Tiers stacked top (fastest) to bottom. Thread-safe. See the module docstring."""
+
+    def __init__(
+        self,
+        tiers: Sequence[Tier],
+        *,
+        write_through: bool = False,
+        demotion_queue: int = 256,
+        demotion_workers: int = 1,
+        high_watermark: float = 0.95,
+        low_watermark: float = 0.85,
+    ) -> None:
+        if not tiers:
+            raise InvalidArgumentError("a Store needs at least one tier")
+        names = [t.name for t in tiers]
+        if len(set(names)) != len(names):
+            raise InvalidArgumentError(f"tier names must be unique, got {names}")
+        if not 0.0 < low_watermark <= high_watermark <= 1.0:
+            raise InvalidArgumentError("watermarks must satisfy 0 < low_watermark <= high_watermark <= 1")
+        if demotion_queue < 1 or demotion_workers < 1:
+            raise InvalidArgumentError("demotion_queue and demotion_workers must be at least 1")
+        self.tiers: tuple[Tier, ...] = tuple(tiers)
+        self.write_through = write_through
+        self._high = high_watermark
+        self._low = low_watermark
+        self._by_name = {t.name: t for t in self.tiers}
+        self._listeners: list[TierListener] = []
+        self._listeners_lock = threading.Lock()
+        self._unsubscribe = [t.subscribe(self._forward) for t in self.tiers]
+        self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=demotion_queue)
+        self._cond = threading.Condition()
+        self._pending = 0  # jobs queued or running
+        self._relieving: set[int] = set()  # tiers with a watermark demotion queued or running
+        self._promoting: set[bytes] = set()
+        self.background_errors = 0
+        self.skipped_jobs = 0
+        self._closed = False
+        self._workers = [
+            threading.Thread(target=self._work, name=f"kvstrata-demotion-{i}", daemon=True)
+            for i in range(demotion_workers)
+        ]
+        for worker in self._workers:
+            worker.start()
+
+    @classmethod
+    def from_config(cls, config: StoreConfig) -> Store:
+        """Build the device, host and disk tiers that ``config`` turns on, top first."""
+        from kvstrata.kvstore.device import DeviceTier, resolve_device
+        from kvstrata.kvstore.host import HostTier
+
+        tiers: list[Tier] = []
+        slot = config.slot_bytes
+        if config.device_cache_bytes > 0:
+            device = resolve_device(config.device)
+            # "auto" without CUDA would only duplicate the host tier in host memory: leave it out.
+            if device.type != "cpu" or config.device != "auto":
+                tiers.append(
+                    DeviceTier(config.device_cache_bytes, slot, device=device, policy=config.eviction)
+                )
+        host_bytes = config.host_cache_bytes
+        if host_bytes == 0:
+            host_bytes = int(available_memory_bytes() * config.host_cache_fraction)
+        if host_bytes > 0:
+            # At least one slot; the pool commits pages only as slots come into use.
+            tiers.append(HostTier(max(host_bytes, slot), slot, policy=config.eviction))
+        if config.disk_cache_bytes > 0:
+            from kvstrata.config import default_cache_dir
+            from kvstrata.kvstore.disk import DiskTier
+
+            directory = config.disk_dir or default_cache_dir()
+            tiers.append(
+                DiskTier(directory, config.disk_cache_bytes, fsync=config.disk_fsync, policy=config.eviction)
+            )
+        return cls(
+            tiers,
+            write_through=config.write_through,
+            demotion_queue=config.demotion_queue,
+            demotion_workers=config.demotion_workers,
+        )
+
+    # -- lookups ---------------------------------------------------------------------------------------
+    def tier(self, name: str) -> Tier | None:
+        """The tier called ``name`` ("device", "host", "disk", ...), or ``None``."""
+        return self._by_name.get(name)
+
+    def contains(self, key: bytes) -> bool:
+        """Whether any tier holds the chunk (not an access)."""
+        key = check_key(key)
+        return any(t.contains(key) for t in self.tiers)
+
+    def lookup_prefix(self, keys: Sequence[bytes]) -> PrefixLookup:
+        """How many leading ``keys`` are present (stopping at the first missing one), and where."""
+        found: list[str] = []
+        for raw in keys:
+            key = check_key(raw)
+            for tier in self.tiers:
+                if tier.contains(key):
+                    found.append(tier.name)
+                    break
+            else:
+                break
+        return PrefixLookup(len(found), tuple(found))
+
+    def get_meta(self, key: bytes) -> ChunkMeta | None:
+        """The metadata of the chunk in the highest tier holding it, or ``None``."""
+        key = check_key(key)
+        for tier in self.tiers:
+            if tier.contains(key):
+                meta = self._meta_of(tier, key)
+                if meta is not None:
+                    return meta
+        return None
+
+    @staticmethod
+    def _meta_of(tier: Tier, key: bytes) -> ChunkMeta | None:
+        get_meta = getattr(tier, "get_meta", None)
+        if callable(get_meta):
+            meta = get_meta(key)
+            return meta if isinstance(meta, ChunkMeta) else None
+        try:
+            handle = _pin_for_move(tier, key)
+        except TierIOError:
+            return None
+        if handle is None:
+            return None
+        with handle:
+            return handle.meta
+
+    def stats(self) -> dict[str, TierStats]:
+        """Tier name -> a snapshot of its counters and occupancy."""
+        return {t.name: t.snapshot() for t in self.tiers}
+
+    # -- put ---------------------------------------------------------------------------------------------
+    def put(self, key: bytes, data: BufferLike, meta: ChunkMeta = EMPTY_META) -> None:
+        """Store the chunk in the top tier that takes it (see the module docstring)."""
+        key = check_key(key)
+        src = as_byte_tensor(data)
+        self._check_open()
+        error: Exception | None = None
+        landed = -1
+        for index in range(len(self.tiers)):
+            try:
+                self._store_at(index, key, src, meta)
+            except (ChunkTooLargeError, TierFullError, TierIOError) as exc:
+                if isinstance(exc, TierIOError):
+                    log.warning("store: put to the %s tier failed: %s", self.tiers[index].name, exc)
+                error = exc
+                continue
+            landed = index
+            break
+        if landed < 0:
+            assert error is not None
+            raise error
+        lower = range(landed + 1, len(self.tiers))
+        if self.write_through and lower:
+            self._submit(_Job("copy_down", key, landed), run_if_full=True)
+        else:
+            # A lower copy of an older value must not come back when this one is evicted.
+            for index in lower:
+                tier = self.tiers[index]
+                if tier.contains(key):
+                    tier.remove(key)
+        self._maybe_relieve(landed)
+
+    def _store_at(self, index: int, key: bytes, src: torch.Tensor, meta: ChunkMeta) -> None:
+        """Put into tier ``index``, demoting its victims one tier down first when it is full."""
+        tier = self.tiers[index]
+        if index == len(self.tiers) - 1:
+            tier.put(key, src, meta, evict=True)  # the bottom tier drops its coldest chunks itself
+            return
+        for _ in range(_MAKE_ROOM_ROUNDS):
+            try:
+                tier.put(key, src, meta, evict=False)
+                return
+            except TierFullError:
+                pass
+            victims = tier.victims(src.numel())
+            if not victims:
+                raise TierFullError(f"the {tier.name} tier is full and every chunk in it is pinned")
+            for victim in victims:
+                self._demote(index, victim, must_free=True)
+        tier.put(key, src, meta, evict=True)
+
+    def _demote(self, index: int, key: bytes, *, must_free: bool) -> bool:
+        """Copy ``key`` from tier ``index`` to the highest lower tier that takes it, then drop it there.
+
+        When no lower tier takes it, the chunk is dropped anyway if ``must_free`` (a put needs the room;
+        the failure is logged and counted), else kept and the error raised.
+        """
+        source = self.tiers[index]
+        handle = _pin_for_move(source, key)
+        if handle is None:
+            return False  # another thread moved or removed it already
+        copied = index + 1 >= len(self.tiers)
+        failure: Exception | None = None
+        with handle:
+            for lower in range(index + 1, len(self.tiers)):
+                if self.tiers[lower].contains(key):
+                    copied = True  # a copy made by write-through or an earlier demotion; never stale
+                    break
+                try:
+                    self._store_at(lower, key, handle.data, handle.meta)
+                except (ChunkTooLargeError, TierFullError, TierIOError) as exc:
+                    failure = exc
+                    continue
+                copied = True
+                break
+        if not copied:
+            assert failure is not None
+            if not must_free:
+                raise failure
+            log.warning(
+                "store: demoting a chunk out of the %s tier failed, dropping it: %s", source.name, failure
+            )
+            self._count_error("demote")
+        if source.remove(key):
+            source._count("evictions")  # a demotion is an eviction from this tier
+        return True
+
+    # -- get ---------------------------------------------------------------------------------------------
+    def get(self, key: bytes, out: BufferLike | None = None) -> torch.Tensor | None:
+        """The chunk's bytes from the highest tier holding it (into ``out`` when given), or ``None``."""
+        key = check_key(key)
+        self._check_open()
+        for index, tier in enumerate(self.tiers):
+            try:
+                result = tier.get(key, out)
+            except TierIOError as exc:
+                log.warning("store: read from the %s tier failed: %s", tier.name, exc)
+                continue
+            if result is None:
+                continue
+            if index > 0:
+                self._promote_now(key, result, index)
+            return result
+        return None
+
+    def acquire(self, key: bytes) -> ChunkHandle | None:
+        """Pin the chunk in the highest tier holding it; ``None`` on a miss. Release the handle."""
+        key = check_key(key)
+        self._check_open()
+        for index, tier in enumerate(self.tiers):
+            try:
+                handle = tier.acquire(key)
+            except TierIOError as exc:
+                log.warning("store: read from the %s tier failed: %s", tier.name, exc)
+                continue
+            if handle is None:
+                continue
+            if index > 0:
+                self._submit_promotion(key)
+            return handle
+        return None
+
+    def _promote_now(self, key: bytes, data: torch.Tensor, found: int) -> None:
+        top = self.tiers[0]
+        if not callable(getattr(self.tiers[found], "get_meta", None)):
+            # Its metadata (block keys, for the events) would cost a second read: let a worker do it.
+            self._submit_promotion(key)
+            return
+        meta = self._meta_of(self.tiers[found], key) or EMPTY_META
+        try:
+            top.put(key, data, meta, evict=False)
+        except TierFullError:
+            # Making room means demoting (maybe a disk write): not on the reader's time.
+            self._submit_promotion(key)
+        except (ChunkTooLargeError, TierIOError) as exc:
+            log.debug("store: promotion to the %s tier skipped: %s", top.name, exc)
+        else:
+            self._maybe_relieve(0)
+
+    def _submit_promotion(self, key: bytes) -> None:
+        with self._cond:
+            if key in self._promoting:
+                return
+            self._promoting.add(key)
+        if not self._submit(_Job("promote", key), run_if_full=False):
+            with self._cond:
+                self._promoting.discard(key)
+
+    # -- remove, events, lifecycle -----------------------------------------------------------------------
+    def remove(self, key: bytes) -> bool:
+        """Drop the chunk from every tier; ``True`` if any held it."""
+        key = check_key(key)
+        removed = False
+        for tier in self.tiers:
+            removed = tier.remove(key) or removed
+        return removed
+
+    def subscribe(self, listener: TierListener) -> Callable[[], None]:
+        """Call ``listener`` for every event of every tier; returns a function that unsubscribes it."""
+        with self._listeners_lock:
+            self._listeners.append(listener)
+
+        def unsubscribe() -> None:
+            with self._listeners_lock:
+                if listener in self._listeners:
+                    self._listeners.remove(listener)
+
+        return unsubscribe
+
+    def _forward(self, event: TierEvent) -> None:
+        with self._listeners_lock:
+            listeners = tuple(self._listeners)
+        for listener in listeners:
+            try:
+                listener(event)
+            except Exception:
+                log.exception("store: event listener failed")
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until background work is idle; ``False`` if ``timeout`` seconds passed first."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._pending == 0, timeout)
+
+    def close(self) -> None:
+        """Finish background work (up to 30 s), stop the workers and close every tier."""
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+        if not self.flush(timeout=30.0):
+            log.warning("store: closing with background work still pending")
+        for _ in self._workers:
+            self._queue.put(None)
+        for worker in self._workers:
+            worker.join(timeout=5.0)
+        for unsubscribe in self._unsubscribe:
+            unsubscribe()
+        for tier in self.tiers:
+            try:
+                tier.close()
+            except Exception:
+                log.exception("store: closing the %s tier failed", tier.name)
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreError("the store is closed")
+
+    # -- background work ---------------------------------------------------------------------------------
+    def _maybe_relieve(self, index: int) -> None:
+        if index >= len(self.tiers) - 1:
+            return
+        tier = self.tiers[index]
+        if tier.used_bytes <= self._high * tier.capacity_bytes:
+            return
+        with self._cond:
+            if index in self._relieving:
+                return
+            self._relieving.add(index)
+        if not self._submit(_Job("relieve", tier=index), run_if_full=False):
+            with self._cond:
+                self._relieving.discard(index)
+
+    def _submit(self, job: _Job, *, run_if_full: bool) -> bool:
+        """Queue ``job``; if the queue is full, run it here (``run_if_full``) or skip it (``False``)."""
+        with self._cond:
+            if self._closed:
+                return False
+            self._pending += 1
+        try:
+            self._queue.put_nowait(job)
+            return True
+        except queue.Full:
+            with self._cond:
+                self._pending -= 1
+                self._cond.notify_all()
+        if run_if_full:
+            self._run_job(job)
+            return True
+        with self._cond:
+            self.skipped_jobs += 1
+        return False
+
+    def _work(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            try:
+                self._run_job(job)
+            finally:
+                with self._cond:
+                    self._pending -= 1
+                    self._cond.notify_all()
+
+    def _run_job(self, job: _Job) -> None:
+        """Run one background item; a failure is logged and counted, never raised (workers survive)."""
+        try:
+            if job.kind == "copy_down":
+                self._copy_down(job.key, job.tier)
+            elif job.kind == "promote":
+                self._promote(job.key)
+            elif job.kind == "relieve":
+                self._relieve(job.tier)
+        except Exception as exc:
+            self._count_error(job.kind)
+            log.error(
+                "store: background %s failed: %s", job.kind, exc, exc_info=not isinstance(exc, StoreError)
+            )
+        finally:
+            if job.kind == "promote":
+                with self._cond:
+                    self._promoting.discard(job.key)
+            elif job.kind == "relieve":
+                with self._cond:
+                    self._relieving.discard(job.tier)
+
+    def _count_error(self, kind: str) -> None:
+        with self._cond:
+            self.background_errors += 1
+        BACKGROUND_ERRORS.labels(kind=kind).inc()
+
+    def _copy_down(self, key: bytes, index: int) -> None:
+        """Write-through: copy the chunk from tier ``index`` to every lower tier."""
+        handle = _pin_for_move(self.tiers[index], key)
+        if handle is None:
+            return  # already evicted, hence demoted
+        failure: Exception | None = None
+        with handle:
+            for lower in range(index + 1, len(self.tiers)):
+                try:
+                    self._store_at(lower, key, handle.data, handle.meta)
+                except (ChunkTooLargeError, TierFullError, TierIOError) as exc:
+                    failure = exc
+        if failure is not None:
+            raise failure
+
+    def _promote(self, key: bytes) -> None:
+        """Copy the chunk from the highest lower tier holding it into the top tier (making room)."""
+        if self.tiers[0].contains(key):
+            return
+        for index in range(1, len(self.tiers)):
+            handle = _pin_for_move(self.tiers[index], key)
+            if handle is None:
+                continue
+            with handle:
+                self._store_at(0, key, handle.data, handle.meta)
+            self._maybe_relieve(0)
+            return
+
+    def _relieve(self, index: int) -> None:
+        """Demote the coldest chunks of tier ``index`` until it is under its low watermark."""
+        tier = self.tiers[index]
+        for _ in range(1024):
+            excess = tier.used_bytes - int(self._low * tier.capacity_bytes)
+            if excess <= 0:
+                return
+            victims = tier.victims(excess)
+            if not victims:
+                return
+            for victim in victims:
+                try:
+                    self._demote(index, victim, must_free=False)
+                except (ChunkTooLargeError, TierFullError, TierIOError) as exc:
+                    raise StoreError(f"demotion out of the {tier.name} tier failed: {exc}") from exc
