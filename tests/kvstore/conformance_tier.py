@@ -38,6 +38,7 @@ import hashlib
 import random
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -106,6 +107,8 @@ class TierConformance:
 
     #: size of the chunks the suite stores; the tier must accept chunks up to this size
     chunk_bytes: int = 4096
+    #: a fresh directory for this test (set before make_tier is called)
+    tmp_path: Path
 
     # -- hooks for subclasses ---------------------------------------------------------------------
     def make_tier(self, capacity_bytes: int) -> Tier:
@@ -118,7 +121,7 @@ class TierConformance:
 
     # -- plumbing ---------------------------------------------------------------------------------
     @pytest.fixture(autouse=True)
-    def _conformance_env(self, tmp_path: object) -> Iterator[None]:
+    def _conformance_env(self, tmp_path: Path) -> Iterator[None]:
         self.tmp_path = tmp_path
         self._made: list[Tier] = []
         yield

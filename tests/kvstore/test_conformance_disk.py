@@ -10,9 +10,8 @@ from tests.kvstore.conformance_tier import TierConformance
 from tests.kvstore.faulty import FaultyTierConformance
 
 
-class _DiskSizing:
+class _DiskSizing(TierConformance):
     chunk_bytes = 4096
-    tmp_path: Path
     _serial = 0
 
     def capacity_for(self, n: int) -> int:
