@@ -1,0 +1,221 @@
+"""Side by side with LMCache: the same chunks through its ``lmcache_server`` and through ``kvstrata serve``.
+
+Both systems run on this machine in the same run, on loopback, with one client each: 64 chunks of 256 KiB
+and of 2 MiB are put, then got back (best of several rounds). LMCache is driven through its
+``RemoteBackend`` (the path its vLLM integration uses for an ``lm://`` remote server) by
+``bench/_lmcache_driver.py``, run by the Python interpreter of a separate virtualenv where LMCache is
+installed (kvstrata never imports LMCache)::
+
+    python3 -m venv /path/lmcache-venv
+    /path/lmcache-venv/bin/pip install torch==2.13.0 && /path/lmcache-venv/bin/pip install lmcache==0.5.6
+    python bench/lmcache_compare.py --lmcache-python /path/lmcache-venv/bin/python
+
+(or set ``LMCACHE_PYTHON``). Without it the script says so and exits 0. Output: JSON lines, one per system,
+chunk size and direction (``value`` in GiB/s); the kvstrata lines carry LMCache's figure as their ceiling, so
+their ``ratio`` is kvstrata / LMCache (goals: >= 2 at 256 KiB, >= 1.2 at 2 MiB).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench._common import GIB, emit, log  # noqa: E402
+
+BENCH = "lmcache_compare"
+SIZES = (256 * 1024, 2 * 1024**2)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with status {proc.returncode} before listening")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on port {port} after {timeout} s")
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def run_lmcache(python: str, chunks: int, repeat: int) -> dict[int, dict[str, float]]:
+    """Start ``lmcache_server HOST PORT cpu`` and drive it; chunk size -> {put_s, get_s}."""
+    server_bin = str(Path(python).with_name("lmcache_server"))
+    if not os.path.exists(server_bin):
+        raise SystemExit(f"{server_bin} not found: is lmcache installed in that virtualenv?")
+    env = dict(os.environ, LMCACHE_TRACK_USAGE="false", PYTHONWARNINGS="ignore")
+    port = _free_port()
+    server = subprocess.Popen(
+        [server_bin, "127.0.0.1", str(port), "cpu"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        _wait_port(port, server)
+        driver = subprocess.run(
+            [
+                python,
+                str(ROOT / "bench" / "_lmcache_driver.py"),
+                "127.0.0.1",
+                str(port),
+                "--sizes",
+                ",".join(str(s) for s in SIZES),
+                "--chunks",
+                str(chunks),
+                "--repeat",
+                str(repeat),
+            ],
+            env=env,
+            capture_output=True,
+            timeout=600,
+            check=False,
+        )
+    finally:
+        _stop(server)
+    if driver.returncode != 0:
+        tail = driver.stderr.decode(errors="replace")[-3000:]
+        raise SystemExit(f"the LMCache driver failed ({driver.returncode}):\n{tail}")
+    results: dict[int, dict[str, float]] = {}
+    for line in driver.stdout.decode().splitlines():
+        if line.startswith("{"):
+            record = json.loads(line)
+            if not record.get("verified"):
+                raise SystemExit(f"LMCache returned wrong bytes at {record['chunk_bytes']} bytes")
+            results[int(record["chunk_bytes"])] = record
+    return results
+
+
+def run_kvstrata(chunks: int, repeat: int) -> dict[int, dict[str, float]]:
+    """Start ``kvstrata serve`` (host tier only) and move the same chunks with one Client."""
+    import torch
+    from kvstrata.client import Client
+
+    port, admin = _free_port(), _free_port()
+    workdir = tempfile.mkdtemp(prefix="kvstrata-bench-")
+    host_cache = max(SIZES) * chunks * 2 + 64 * 1024**2
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "kvstrata.cli",
+            "serve",
+            "--port",
+            str(port),
+            "--admin-port",
+            str(admin),
+            "--host-cache",
+            str(host_cache),
+            "--disk-cache",
+            "0",
+            "--disk-dir",
+            workdir,
+        ],
+        env=dict(os.environ, KVSTRATA_STORE_SLOT_BYTES=str(max(SIZES)), KVSTRATA_SERVER_TRANSPORTS="tcp"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    results: dict[int, dict[str, float]] = {}
+    try:
+        _wait_port(port, server)
+        with Client(f"kvs://127.0.0.1:{port}") as client:
+            for size in SIZES:
+                keys = [os.urandom(16) for _ in range(chunks)]
+                datas = [torch.full((size,), i % 251, dtype=torch.uint8) for i in range(chunks)]
+                outs = [torch.empty(size, dtype=torch.uint8) for _ in range(chunks)]
+
+                def put_all(keys: list[bytes] = keys, datas: list[torch.Tensor] = datas) -> None:
+                    client.put_many(list(zip(keys, datas, strict=True)))
+
+                def get_all(keys: list[bytes] = keys, outs: list[torch.Tensor] = outs) -> list[object]:
+                    return list(client.get_many(keys, outs=outs))
+
+                put_all()
+                got = get_all()
+                verified = all(
+                    g is not None and int(o[0]) == i % 251 and int(o[-1]) == i % 251
+                    for i, (g, o) in enumerate(zip(got, outs, strict=True))
+                )
+                if not verified:
+                    raise SystemExit(f"kvstrata returned wrong bytes or misses at {size} bytes")
+                put_times, get_times = [], []
+                for _ in range(repeat):
+                    start = time.perf_counter()
+                    put_all()
+                    put_times.append(time.perf_counter() - start)
+                    start = time.perf_counter()
+                    get_all()
+                    get_times.append(time.perf_counter() - start)
+                results[size] = {"put_s": min(put_times), "get_s": min(get_times)}
+    finally:
+        _stop(server)
+        shutil.rmtree(workdir, ignore_errors=True)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--lmcache-python", default=os.environ.get("LMCACHE_PYTHON", ""))
+    parser.add_argument("--chunks", type=int, default=64)
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--lmcache-only", action="store_true", help="measure LMCache alone")
+    args = parser.parse_args()
+    python = args.lmcache_python
+    if not python or not os.path.exists(python):
+        print(
+            "lmcache_compare: no LMCache interpreter given (pass --lmcache-python PATH or set LMCACHE_PYTHON "
+            "to the python of a virtualenv with lmcache installed); nothing measured.",
+            file=sys.stderr,
+        )
+        return
+    log("lmcache_compare: LMCache RemoteBackend -> lmcache_server ...")
+    theirs = run_lmcache(python, args.chunks, args.repeat)
+    ours: dict[int, dict[str, float]] = {}
+    if not args.lmcache_only:
+        log("lmcache_compare: kvstrata Client -> kvstrata serve ...")
+        ours = run_kvstrata(args.chunks, args.repeat)
+    for size in SIZES:
+        total = size * args.chunks
+        label = f"{size // 1024}KiB" if size < 1024**2 else f"{size // 1024**2}MiB"
+        for direction in ("put", "get"):
+            their_rate = total / theirs[size][f"{direction}_s"] / GIB
+            emit(BENCH, f"lmcache_{direction}_{label}", their_rate, "GiB/s")
+            if size in ours:
+                our_rate = total / ours[size][f"{direction}_s"] / GIB
+                emit(BENCH, f"kvstrata_{direction}_{label}", our_rate, "GiB/s", ceiling=their_rate)
+
+
+if __name__ == "__main__":
+    main()
