@@ -26,9 +26,10 @@ file is short or gone, is a miss; the file is deleted and the error counted.
 
 Capacity counts whole files (header + payload), so ``used_bytes`` is what the directory really holds, short
 of file-system block rounding. ``victims(n)`` adds up the same file sizes. A full file system (``ENOSPC``,
-``EDQUOT``, ``EFBIG``) is met by evicting more chunks and retrying when ``evict=True``, otherwise (or when
-nothing is left to evict) the put raises :class:`TierFullError`; reads go on. Other OS errors become
-:class:`TierIOError`. A failed put always removes its temporary file and leaves the previous state.
+``EDQUOT``) is met by evicting more chunks and retrying when ``evict=True``, otherwise (or when nothing is
+left to evict) the put raises :class:`TierFullError`; reads go on. A file size limit (``EFBIG``) raises
+:class:`ChunkTooLargeError`; other OS errors become :class:`TierIOError`. A failed put always removes its
+temporary file; the chunk's previous version, if any, stays unless it was evicted to make room.
 
 Locking: one lock guards the catalog, the eviction policy and every rename/unlink (so a file's name always
 matches the catalog); payload writes, reads and checksums run outside it. A get opens the file under the
@@ -109,7 +110,7 @@ _FIXED = struct.Struct("<8sHBBI16s16s16sQQIIQ32x")
 _HEADER_SUM_AT = 88  # the header checksum covers bytes [0, 88) and the block keys
 #: Reads are checksummed piece by piece while the piece is still in the CPU cache.
 _READ_PIECE = 1024 * 1024
-_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 _CHUNK_NAME = re.compile(r"^[0-9a-f]{32}\.kvc$")
 _SUBDIR_NAME = re.compile(r"^[0-9a-f]{2}$")
 #: Eviction-and-retry rounds after the file system reports it is full.
@@ -552,6 +553,8 @@ class DiskTier(Tier):
                     self._reserved -= charge
                 if full:
                     raise TierFullError(f"the disk under {self._dir} is full: {exc}") from exc
+                if exc.errno == errno.EFBIG:  # a per-file size limit (RLIMIT_FSIZE, the file system's)
+                    raise ChunkTooLargeError(f"a chunk file exceeds a file size limit: {exc}") from exc
                 raise TierIOError(f"writing a chunk file under {self._dir} failed: {exc}") from exc
         raise AssertionError("unreachable")  # pragma: no cover
 
