@@ -106,6 +106,9 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     max_inflight_bytes: Annotated[
         int, _doc("bytes buffered for one connection before the server stops reading from it")
     ] = 64 * 1024**2
+    write_timeout_s: Annotated[
+        float, _doc("seconds a reply may wait on a client that does not read before it is disconnected")
+    ] = 30.0
 
 
 class ClientConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -126,6 +129,25 @@ class IndexConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     ] = 30.0
     max_blocks: Annotated[int, _doc("bound of the memory backend, in blocks (LRU beyond it)")] = 4_000_000
     write_buffer: Annotated[int, _doc("bound of the buffer of writes retried while Redis is down")] = 100_000
+    max_instances: Annotated[
+        int, _doc("instances (and cleared epochs awaiting reclaim) the memory backend tracks")
+    ] = 1024
+    flush_interval_s: Annotated[float, _doc("how often buffered Redis writes are sent, at the latest")] = (
+        0.005
+    )
+    redis_timeout_s: Annotated[float, _doc("Redis socket timeout; a lookup past it answers 'no match'")] = 0.5
+    block_ttl_s: Annotated[int, _doc("Redis expiry of a block entry, renewed on write; 0 keeps entries")] = (
+        86_400
+    )
+    replay_timeout_s: Annotated[float, _doc("how long to wait for a KV-event replay before giving up")] = 1.0
+    max_engine_hashes: Annotated[
+        int, _doc("engine block hashes remembered per engine to apply BlockRemoved (LRU beyond it)")
+    ] = 1_000_000
+    http_port: Annotated[int, _doc("port of `kvstrata index run --backend memory` HTTP lookups")] = 7472
+    prefill_tokens_per_s: Annotated[float, _doc("scoring: tokens per second an instance prefills")] = 5000.0
+    host_gib_per_s: Annotated[float, _doc("scoring: fetch bandwidth from the host tier")] = 8.0
+    disk_gib_per_s: Annotated[float, _doc("scoring: fetch bandwidth from the disk tier")] = 1.0
+    remote_gib_per_s: Annotated[float, _doc("scoring: fetch bandwidth from the remote tier")] = 2.0
 
 
 class KernelConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
