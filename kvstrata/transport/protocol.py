@@ -386,7 +386,7 @@ def error_for(reply: ErrorReply) -> errors.KVStrataError:
 
 
 #: The metadata struct of each (opcode, is_reply).
-_REQUEST_TYPES: dict[int, type[_Meta]] = {
+_REQUEST_TYPES: dict[int, type[msgspec.Struct]] = {
     Op.HELLO: ClientHello,
     Op.PING: Empty,
     Op.PUT: PutRequest,
@@ -399,7 +399,7 @@ _REQUEST_TYPES: dict[int, type[_Meta]] = {
     Op.STATS: Empty,
     Op.ERROR: ErrorReply,
 }
-_REPLY_TYPES: dict[int, type[_Meta]] = {
+_REPLY_TYPES: dict[int, type[msgspec.Struct]] = {
     Op.HELLO: HelloReply,
     Op.PING: Empty,
     Op.PUT: Empty,
@@ -412,18 +412,18 @@ _REPLY_TYPES: dict[int, type[_Meta]] = {
     Op.STATS: StatsReply,
     Op.ERROR: ErrorReply,
 }
-_DECODERS: dict[type[_Meta], msgspec.msgpack.Decoder[Any]] = {}
+_DECODERS: dict[type[Any], msgspec.msgpack.Decoder[Any]] = {}
 _ENCODER = msgspec.msgpack.Encoder()
 
 
-def _decoder(kind: type[_Meta]) -> msgspec.msgpack.Decoder[Any]:
+def _decoder(kind: type[Any]) -> msgspec.msgpack.Decoder[Any]:
     dec = _DECODERS.get(kind)
     if dec is None:
         dec = _DECODERS[kind] = msgspec.msgpack.Decoder(kind)
     return dec
 
 
-def register_meta(opcode: int, request: type[_Meta], reply: type[_Meta]) -> None:
+def register_meta(opcode: int, request: type[msgspec.Struct], reply: type[msgspec.Struct]) -> None:
     """Declare the metadata structs of an extension opcode (0x40-0x7F); called by transport extensions."""
     if opcode not in EXTENSION_OPS:
         raise ValueError(f"extension opcodes are 0x40-0x7f, not 0x{opcode:02x}")

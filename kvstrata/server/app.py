@@ -1,0 +1,676 @@
+"""The cache server: an asyncio kvs protocol server (uvloop when installed) in front of a :class:`Store`.
+
+One coroutine per connection reads frames and answers them in order (pipelined clients keep many requests
+in flight; replies carry the request id). Sockets are driven directly (non-blocking ``recv_into`` /
+``sendmsg`` plus loop readiness callbacks) rather than through asyncio streams, so that:
+
+- payloads are read straight into their destination: a per-connection receive buffer that is reused
+  (then one copy into the Store's host-tier slot), never a growing stream buffer;
+- chunk replies are sent with one ``sendmsg`` of [header+metadata, pinned slot views...] while the chunks
+  are pinned, so nothing is copied and a slow reader holds no server memory beyond its pins;
+- back-pressure is TCP's own: a connection whose replies are not being read stops being read, its pins
+  are bounded by ``max_inflight_bytes``, and a reply that cannot be written within ``write_timeout_s``
+  closes that connection. Other connections are unaffected.
+
+Transport extensions (shm, nixl) add opcodes through :class:`kvstrata.transport.base.ServerExtension`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import os
+import socket
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from prometheus_client import Counter, Gauge
+
+from kvstrata import __version__
+from kvstrata.errors import (
+    AuthenticationError,
+    ConnectError,
+    InvalidArgumentError,
+    KVStrataError,
+    ProtocolError,
+    RequestTimeoutError,
+    VersionMismatchError,
+)
+from kvstrata.kvstore.tier import ChunkHandle, ChunkMeta
+from kvstrata.transport import protocol as p
+from kvstrata.transport.base import ServerExtension
+from kvstrata.transport.tcp import byte_view
+
+__all__ = ["CacheServer", "ServerConnection", "error_code"]
+
+log = logging.getLogger(__name__)
+
+_REQUESTS = Counter("kvstrata_server_requests", "Requests served, by opcode", ["op"])
+_ERRORS = Counter("kvstrata_server_errors", "Error replies sent, by code", ["code"])
+_BYTES_IN = Counter("kvstrata_server_payload_bytes_received", "Payload bytes received")
+_BYTES_OUT = Counter("kvstrata_server_payload_bytes_sent", "Payload bytes sent")
+_CONNECTIONS = Gauge("kvstrata_server_connections", "Open client connections")
+
+_STAGING = 64 * 1024
+_MAX_IOV = 512
+_HELLO_TIMEOUT_S = 5.0
+
+
+def error_code(exc: BaseException) -> str:
+    """The wire error code of an exception (the inverse of :data:`protocol.ERROR_CODES`)."""
+    for code, cls in p.ERROR_CODES.items():
+        if type(exc) is cls:
+            return code
+    if isinstance(exc, VersionMismatchError):
+        return "version_mismatch"
+    if isinstance(exc, ProtocolError):
+        return "protocol"
+    if isinstance(exc, AuthenticationError):
+        return "auth"
+    if isinstance(exc, InvalidArgumentError):
+        return "invalid_argument"
+    for code in ("too_large", "full", "io"):
+        if isinstance(exc, p.ERROR_CODES[code]):
+            return code
+    return "internal"
+
+
+class _Closed(Exception):
+    """The peer went away or the connection was closed on purpose."""
+
+
+class ServerConnection:
+    """One client connection: framed reads into caller-supplied memory, scatter/gather writes.
+
+    Extension handlers use :meth:`read_payload_into`, :meth:`skip_payload`, :meth:`reply` and
+    :meth:`error`; :attr:`store` and :attr:`server` give them the rest.
+    """
+
+    def __init__(self, server: CacheServer, sock: socket.socket, peer: Any) -> None:
+        self.server = server
+        self.store = server.store
+        self.sock = sock
+        self.peer = peer
+        self.loop = asyncio.get_running_loop()
+        self.transport_name = "tcp"
+        self._staging = bytearray(_STAGING)
+        self._start = 0
+        self._end = 0
+        self._recv_buffer: torch.Tensor | None = None
+        #: payload bytes of the current request not yet consumed
+        self.payload_left = 0
+        self.busy = False
+
+    # -- readiness -----------------------------------------------------------------------------------
+    async def _wait(self, writable: bool, timeout: float | None) -> None:
+        fut: asyncio.Future[None] = self.loop.create_future()
+        fd = self.sock.fileno()
+        if fd < 0:
+            raise _Closed("socket closed")
+
+        def ready() -> None:
+            if not fut.done():
+                fut.set_result(None)
+
+        if writable:
+            self.loop.add_writer(fd, ready)
+        else:
+            self.loop.add_reader(fd, ready)
+        try:
+            if timeout is None:
+                await fut
+            else:
+                await asyncio.wait_for(fut, timeout)
+        except asyncio.TimeoutError as exc:
+            raise RequestTimeoutError("peer did not read its replies within the write timeout") from exc
+        finally:
+            if writable:
+                self.loop.remove_writer(fd)
+            else:
+                self.loop.remove_reader(fd)
+
+    # -- reading -------------------------------------------------------------------------------------
+    async def _recv_some(self, view: memoryview) -> int:
+        while True:
+            try:
+                n = self.sock.recv_into(view)
+            except (BlockingIOError, InterruptedError):
+                await self._wait(False, None)
+                continue
+            except OSError as exc:
+                raise _Closed(str(exc)) from exc
+            if n == 0:
+                raise _Closed("peer closed the connection")
+            return n
+
+    async def recv_exact(self, view: memoryview) -> None:
+        """Fill ``view``: first from bytes already staged, then straight from the socket."""
+        got = 0
+        staged = self._end - self._start
+        if staged:
+            got = min(staged, len(view))
+            view[:got] = self._staging[self._start : self._start + got]
+            self._start += got
+        while got < len(view):
+            got += await self._recv_some(view[got:])
+
+    async def _fill(self, nbytes: int) -> memoryview:
+        """At least ``nbytes`` (<= staging size) staged; returns a view of exactly them and consumes them."""
+        if self._end - self._start < nbytes:
+            if self._start:
+                rest = self._end - self._start
+                self._staging[:rest] = self._staging[self._start : self._end]
+                self._start, self._end = 0, rest
+            view = memoryview(self._staging)
+            while self._end - self._start < nbytes:
+                self._end += await self._recv_some(view[self._end :])
+        out = memoryview(self._staging)[self._start : self._start + nbytes]
+        self._start += nbytes
+        return out
+
+    async def read_header(self, *, expect_version: int | None = p.PROTOCOL_VERSION) -> p.Header:
+        """The next frame's validated header."""
+        raw = await self._fill(p.HEADER_SIZE)
+        header = p.parse_header(raw, self.server.max_payload, expect_version=expect_version)
+        self.payload_left = header.payload_len
+        return header
+
+    async def read_meta(self, header: p.Header, kind: type[Any] | None = None) -> Any:
+        """The frame's decoded metadata (bounded by ``MAX_META_BYTES`` before any allocation)."""
+        if header.meta_len <= _STAGING:
+            raw: Any = await self._fill(header.meta_len)
+        else:
+            raw = bytearray(header.meta_len)
+            await self.recv_exact(memoryview(raw))
+        return p.decode_meta(header.opcode, header.is_reply, raw, kind=kind)
+
+    async def read_payload_into(self, view: memoryview) -> None:
+        """Read the next ``len(view)`` payload bytes of the current request into ``view``."""
+        if len(view) > self.payload_left:
+            raise ProtocolError("payload shorter than its metadata says")
+        self.payload_left -= len(view)
+        await self.recv_exact(view)
+        _BYTES_IN.inc(len(view))
+
+    async def skip_payload(self) -> None:
+        """Discard what is left of the current request's payload (keeps the stream in sync)."""
+        if self.payload_left:
+            scratch = memoryview(bytearray(min(self.payload_left, 1 << 20)))
+            while self.payload_left:
+                step = min(self.payload_left, len(scratch))
+                await self.read_payload_into(scratch[:step])
+
+    def receive_buffer(self, nbytes: int) -> torch.Tensor:
+        """A reusable per-connection buffer of at least ``nbytes`` (bounded by the payload limit)."""
+        buf = self._recv_buffer
+        if buf is None or buf.numel() < nbytes:
+            buf = torch.empty(max(nbytes, 1 << 16), dtype=torch.uint8)
+            # Keep it for the next request only while it is within the per-connection budget.
+            self._recv_buffer = buf if nbytes <= self.server.max_inflight_bytes else None
+        return buf[:nbytes]
+
+    # -- writing -------------------------------------------------------------------------------------
+    async def send(self, parts: Sequence[Any]) -> None:
+        """Write every part with scatter/gather ``sendmsg``; waits (bounded) while the peer is not reading."""
+        views = [memoryview(x).cast("B") for x in parts if len(x)]
+        timeout = self.server.write_timeout
+        while views:
+            try:
+                sent = self.sock.sendmsg(views[:_MAX_IOV])
+            except (BlockingIOError, InterruptedError):
+                await self._wait(True, timeout)
+                continue
+            except OSError as exc:
+                raise _Closed(str(exc)) from exc
+            while sent:
+                head = views[0]
+                if sent >= len(head):
+                    sent -= len(head)
+                    views.pop(0)
+                else:
+                    views[0] = head[sent:]
+                    sent = 0
+
+    async def reply(
+        self,
+        opcode: int,
+        request_id: int,
+        meta: Any,
+        payload: Sequence[Any] = (),
+        *,
+        checksum: int | None = None,
+        flags: int = 0,
+    ) -> None:
+        """Send one reply frame (``checksum``: the payload's CRC-32C, sets the CHECKSUM flag)."""
+        raw = p.encode_meta(meta)
+        size = sum(len(memoryview(x).cast("B")) for x in payload)
+        flags |= p.Flag.REPLY
+        if checksum is not None:
+            flags |= p.Flag.CHECKSUM
+        head = p.pack_header(opcode, request_id, len(raw), size, flags=flags, checksum=checksum or 0)
+        await self.send([head + raw, *payload])
+        _BYTES_OUT.inc(size)
+
+    async def error(self, request_id: int, code: str, message: str) -> None:
+        """Send a typed ERROR reply."""
+        _ERRORS.labels(code=code).inc()
+        await self.reply(p.Op.ERROR, request_id, p.ErrorReply(code=code, message=message[:4000]))
+
+
+Handler = Callable[[ServerConnection, p.Header, Any], Awaitable[None]]
+
+
+class CacheServer:
+    """The kvs protocol server in front of ``store``. ``await start()``, then ``await stop()``."""
+
+    def __init__(
+        self,
+        store: Any,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 7470,
+        token: bytes | None = None,
+        max_payload: int = 256 * 1024**2,
+        max_connections: int = 1024,
+        max_inflight_bytes: int = 64 * 1024**2,
+        write_timeout: float = 30.0,
+        extensions: Sequence[ServerExtension] = (),
+    ) -> None:
+        self.store = store
+        self.host = host
+        self.port = port
+        self.token = token or None
+        self.max_payload = max_payload
+        self.max_connections = max_connections
+        self.max_inflight_bytes = max(max_inflight_bytes, 1)
+        self.write_timeout = write_timeout
+        self.extensions = list(extensions)
+        self.started_at = time.time()
+        self.counters = {"connections": 0, "connections_total": 0, "requests": 0, "errors": 0, "refused": 0}
+        self._sock: socket.socket | None = None
+        self._accept_task: asyncio.Task[None] | None = None
+        self._tasks: dict[asyncio.Task[None], ServerConnection | None] = {}
+        self._closing = False
+        self._handlers: dict[int, Handler] = {
+            p.Op.PING: _ping,
+            p.Op.PUT: _put,
+            p.Op.PUT_MANY: _put_many,
+            p.Op.GET: _get,
+            p.Op.GET_MANY: _get_many,
+            p.Op.EXISTS: _exists,
+            p.Op.LOOKUP_PREFIX: _lookup_prefix,
+            p.Op.DELETE: _delete,
+            p.Op.STATS: _stats,
+        }
+        for ext in self.extensions:
+            for opcode, handler in ext.handlers().items():
+                if opcode not in p.EXTENSION_OPS or opcode in self._handlers:
+                    raise InvalidArgumentError(f"extension {ext.name}: opcode 0x{opcode:02x} is not free")
+                self._handlers[opcode] = handler
+
+    @property
+    def ready(self) -> bool:
+        """Listening and not shutting down."""
+        return self._sock is not None and not self._closing
+
+    @property
+    def transports(self) -> list[str]:
+        """Transport names offered."""
+        return ["tcp", *(ext.name for ext in self.extensions)]
+
+    async def start(self) -> None:
+        """Bind and start accepting connections."""
+        infos = socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
+        family, _, _, _, addr = infos[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(addr)
+            sock.listen(min(self.max_connections, 4096))
+        except OSError as exc:
+            sock.close()
+            raise ConnectError(f"cannot listen on {self.host}:{self.port}: {exc}") from exc
+        sock.setblocking(False)
+        self._sock = sock
+        self.port = sock.getsockname()[1]
+        self._accept_task = asyncio.get_running_loop().create_task(self._accept_loop())
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Stop accepting; let in-flight requests finish (up to ``grace`` seconds); close connections."""
+        self._closing = True
+        if self._accept_task is not None:
+            self._accept_task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._accept_task
+        if self._sock is not None:
+            self._sock.close()
+        for task, conn in list(self._tasks.items()):
+            if conn is None or not conn.busy:
+                task.cancel()
+        if self._tasks:
+            _, pending = await asyncio.wait(list(self._tasks), timeout=grace)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=1.0)
+        for ext in self.extensions:
+            try:
+                ext.close()
+            except Exception:
+                log.exception("closing transport extension %s failed", ext.name)
+
+    async def _accept_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self._sock is not None
+        while True:
+            try:
+                client, peer = await loop.sock_accept(self._sock)
+            except asyncio.CancelledError:
+                raise
+            except OSError as exc:
+                log.warning("accept failed: %s", exc)
+                await asyncio.sleep(0.05)
+                continue
+            if len(self._tasks) >= self.max_connections:
+                self.counters["refused"] += 1
+                client.close()
+                continue
+            client.setblocking(False)
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            task = loop.create_task(self._serve(client, peer))
+            self._tasks[task] = None
+            task.add_done_callback(self._tasks.pop)
+
+    async def _serve(self, sock: socket.socket, peer: Any) -> None:
+        conn = ServerConnection(self, sock, peer)
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks[task] = conn
+        self.counters["connections"] += 1
+        self.counters["connections_total"] += 1
+        _CONNECTIONS.inc()
+        try:
+            if await self._handshake(conn):
+                await self._request_loop(conn)
+        except (_Closed, RequestTimeoutError) as exc:
+            log.debug("connection %s closed: %s", peer, exc)
+        except asyncio.CancelledError:
+            pass
+        except Exception:
+            log.exception("connection %s failed", peer)
+        finally:
+            self.counters["connections"] -= 1
+            _CONNECTIONS.dec()
+            for ext in self.extensions:
+                try:
+                    ext.connection_closed(conn)
+                except Exception:
+                    log.exception("transport extension %s: connection_closed failed", ext.name)
+            sock.close()
+
+    async def _handshake(self, conn: ServerConnection) -> bool:
+        nonce = os.urandom(p.NONCE_BYTES)
+        greeting = p.ServerHello(
+            version=p.PROTOCOL_VERSION,
+            server=f"kvstrata/{__version__}",
+            nonce=nonce,
+            auth=self.token is not None,
+            max_payload=self.max_payload,
+            max_keys=p.MAX_KEYS,
+            transports=self.transports,
+            extensions={ext.name: ext.greeting() for ext in self.extensions if ext.greeting() is not None},
+        )
+        await conn.reply(p.Op.HELLO, 0, greeting)
+        try:
+            header = await asyncio.wait_for(conn.read_header(expect_version=None), _HELLO_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            return False
+        except ProtocolError as exc:
+            await conn.error(0, "protocol", str(exc))
+            return False
+        if header.version != p.PROTOCOL_VERSION:
+            await conn.error(
+                header.request_id,
+                "version_mismatch",
+                f"server speaks kvs protocol version {p.PROTOCOL_VERSION}, client sent {header.version}",
+            )
+            return False
+        if header.opcode != p.Op.HELLO or header.is_reply:
+            await conn.error(header.request_id, "auth", "the first request must be HELLO")
+            return False
+        try:
+            hello: p.ClientHello = await conn.read_meta(header)
+        except ProtocolError as exc:
+            await conn.error(header.request_id, "protocol", str(exc))
+            return False
+        if hello.version != p.PROTOCOL_VERSION:
+            await conn.error(header.request_id, "version_mismatch", f"client version {hello.version}")
+            return False
+        proof = b""
+        if self.token is not None:
+            expected = p.auth_proof(self.token, nonce, hello.nonce, server=False)
+            if not hello.proof or not hmac.compare_digest(expected, hello.proof):
+                log.warning("connection %s: authentication failed", conn.peer)
+                await conn.error(header.request_id, "auth", "missing or wrong token")
+                return False
+            proof = p.auth_proof(self.token, hello.nonce, nonce, server=True)
+        if hello.transport not in self.transports:
+            await conn.error(header.request_id, "unsupported", f"transport {hello.transport!r} not offered")
+            return False
+        conn.transport_name = hello.transport
+        await conn.reply(p.Op.HELLO, header.request_id, p.HelloReply(proof=proof))
+        return True
+
+    async def _request_loop(self, conn: ServerConnection) -> None:
+        while not self._closing:
+            conn.busy = False
+            try:
+                header = await conn.read_header()
+            except ProtocolError as exc:
+                # Desynchronised: say why if we can, then drop the connection.
+                with contextlib.suppress(Exception):
+                    await conn.error(0, "protocol", str(exc))
+                return
+            conn.busy = True
+            if header.is_reply:
+                await conn.error(header.request_id, "protocol", "a reply frame sent to the server")
+                return
+            try:
+                meta = await conn.read_meta(header)
+            except ProtocolError as exc:
+                await conn.error(header.request_id, "protocol", str(exc))
+                return
+            handler = self._handlers.get(header.opcode)
+            self.counters["requests"] += 1
+            _REQUESTS.labels(op=_op_name(header.opcode)).inc()
+            if handler is None:
+                await conn.skip_payload()
+                await conn.error(header.request_id, "unsupported", f"opcode 0x{header.opcode:02x}")
+                continue
+            try:
+                await handler(conn, header, meta)
+            except ProtocolError as exc:
+                with contextlib.suppress(Exception):
+                    await conn.error(header.request_id, "protocol", str(exc))
+                return
+            except KVStrataError as exc:
+                self.counters["errors"] += 1
+                await conn.skip_payload()
+                await conn.error(header.request_id, error_code(exc), str(exc))
+            if conn.payload_left:
+                # A handler that answered without consuming its payload: stay in sync.
+                await conn.skip_payload()
+
+
+def _op_name(opcode: int) -> str:
+    try:
+        return p.Op(opcode).name
+    except ValueError:
+        return f"ext_{opcode:02x}"
+
+
+def _chunk_meta(meta: p.WireMeta) -> ChunkMeta:
+    return ChunkMeta(
+        block_keys=tuple(meta.block_keys),
+        fingerprint=meta.fingerprint,
+        codec=meta.codec,
+        num_tokens=meta.num_tokens,
+    )
+
+
+def _wire_meta(meta: ChunkMeta) -> p.WireMeta:
+    return p.WireMeta(
+        block_keys=list(meta.block_keys),
+        fingerprint=meta.fingerprint,
+        codec=meta.codec,
+        num_tokens=meta.num_tokens,
+    )
+
+
+# ---- handlers ---------------------------------------------------------------------------------------
+
+
+async def _ping(conn: ServerConnection, header: p.Header, meta: Any) -> None:
+    await conn.reply(p.Op.PING, header.request_id, p.Empty())
+
+
+async def _receive_chunk(conn: ServerConnection, size: int, crc: int | None) -> torch.Tensor | None:
+    """Read one chunk's payload into the connection's buffer; ``None`` if its checksum fails."""
+    buf = conn.receive_buffer(size)
+    view = byte_view(buf)
+    await conn.read_payload_into(view)
+    if crc is not None and p.checksum(view) != crc:
+        return None
+    return buf
+
+
+async def _put(conn: ServerConnection, header: p.Header, meta: p.PutRequest) -> None:
+    data = await _receive_chunk(conn, header.payload_len, header.checksum if header.has_checksum else None)
+    if data is None:
+        await conn.error(header.request_id, "corrupt", "payload checksum mismatch; chunk not stored")
+        return
+    conn.store.put(meta.key, data, _chunk_meta(meta.meta))
+    await conn.reply(p.Op.PUT, header.request_id, p.Empty())
+
+
+async def _put_many(conn: ServerConnection, header: p.Header, meta: p.PutManyRequest) -> None:
+    if sum(item.size for item in meta.items) != header.payload_len:
+        raise ProtocolError("PUT_MANY item sizes do not add up to the payload length")
+    results: list[str] = []
+    for item in meta.items:
+        data = await _receive_chunk(conn, item.size, item.checksum if header.has_checksum else None)
+        if data is None:
+            results.append("corrupt")
+            continue
+        try:
+            conn.store.put(item.key, data, _chunk_meta(item.meta))
+        except KVStrataError as exc:
+            results.append(error_code(exc))
+            continue
+        results.append("")
+    await conn.reply(p.Op.PUT_MANY, header.request_id, p.PutManyReply(results=results))
+
+
+def _acquire(conn: ServerConnection, key: bytes) -> ChunkHandle | None:
+    handle: ChunkHandle | None = conn.store.acquire(key)
+    if handle is not None and handle.data.device.type != "cpu":
+        # A device-tier hit: tcp sends from host memory (one copy out of the GPU).
+        host = handle.data.cpu()
+        handle.release()
+        handle = ChunkHandle(handle.key, host, handle.meta)
+    return handle
+
+
+async def _get(conn: ServerConnection, header: p.Header, meta: p.KeyRequest) -> None:
+    handle = _acquire(conn, meta.key)
+    if handle is None:
+        await conn.reply(p.Op.GET, header.request_id, p.GetReply(found=False))
+        return
+    try:
+        view = byte_view(handle.data)
+        crc = p.checksum(view) if header.has_checksum else None
+        reply = p.GetReply(found=True, meta=_wire_meta(handle.meta))
+        await conn.reply(p.Op.GET, header.request_id, reply, [view], checksum=crc)
+    finally:
+        handle.release()
+
+
+async def _get_many(conn: ServerConnection, header: p.Header, meta: p.KeysRequest) -> None:
+    budget = min(conn.server.max_payload, conn.server.max_inflight_bytes)
+    handles: list[ChunkHandle] = []
+    sizes: list[int] = []
+    crcs: list[int] = []
+    views: list[memoryview] = []
+    total = 0
+    want_crc = header.has_checksum
+    try:
+        for key in meta.keys:
+            if total >= budget and views:
+                sizes.append(-2)
+                crcs.append(0)
+                continue
+            handle = _acquire(conn, key)
+            if handle is None:
+                sizes.append(-1)
+                crcs.append(0)
+                continue
+            view = byte_view(handle.data)
+            if views and total + len(view) > budget:
+                handle.release()
+                sizes.append(-2)
+                crcs.append(0)
+                total = budget
+                continue
+            handles.append(handle)
+            views.append(view)
+            sizes.append(len(view))
+            crcs.append(p.checksum(view) if want_crc else 0)
+            total += len(view)
+        reply = p.GetManyReply(sizes=sizes, checksums=crcs if want_crc else [])
+        await conn.reply(
+            p.Op.GET_MANY, header.request_id, reply, views, flags=p.Flag.CHECKSUM if want_crc else 0
+        )
+    finally:
+        for handle in handles:
+            handle.release()
+
+
+async def _exists(conn: ServerConnection, header: p.Header, meta: p.KeysRequest) -> None:
+    present = [conn.store.contains(k) for k in meta.keys]
+    await conn.reply(p.Op.EXISTS, header.request_id, p.ExistsReply(present=present))
+
+
+async def _lookup_prefix(conn: ServerConnection, header: p.Header, meta: p.KeysRequest) -> None:
+    found = conn.store.lookup_prefix(meta.keys)
+    reply = p.LookupReply(num_chunks=found.num_chunks, tiers=list(found.tiers))
+    await conn.reply(p.Op.LOOKUP_PREFIX, header.request_id, reply)
+
+
+async def _delete(conn: ServerConnection, header: p.Header, meta: p.KeysRequest) -> None:
+    removed = [bool(conn.store.remove(k)) for k in meta.keys]
+    await conn.reply(p.Op.DELETE, header.request_id, p.DeleteReply(removed=removed))
+
+
+def stats_payload(server: CacheServer) -> tuple[dict[str, dict[str, int]], dict[str, int]]:
+    """Per-tier counters and server counters (shared by STATS and the admin API)."""
+    tiers: Mapping[str, Any] = server.store.stats()
+    out = {
+        name: {k: int(v) for k, v in vars(snap).items()} if hasattr(snap, "__dict__") else _slots(snap)
+        for name, snap in tiers.items()
+    }
+    counters = dict(server.counters)
+    counters["uptime_s"] = int(time.time() - server.started_at)
+    return out, counters
+
+
+def _slots(obj: Any) -> dict[str, int]:
+    return {name: int(getattr(obj, name)) for name in getattr(obj, "__slots__", ())}
+
+
+async def _stats(conn: ServerConnection, header: p.Header, meta: Any) -> None:
+    tiers, counters = stats_payload(conn.server)
+    await conn.reply(p.Op.STATS, header.request_id, p.StatsReply(tiers=tiers, server=counters))

@@ -1,0 +1,186 @@
+"""``kvstrata serve``: build the Store and the transport extensions, run the data and admin servers, and
+shut down cleanly on SIGTERM/SIGINT (in-flight requests finish, background disk writes are flushed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from kvstrata.config import KVStrataConfig, StoreConfig
+from kvstrata.errors import InvalidArgumentError
+from kvstrata.transport.base import ServerExtension, server_extension_class
+from kvstrata.units import format_size
+
+__all__ = ["build_store", "load_extensions", "run_daemon"]
+
+log = logging.getLogger("kvstrata.server")
+
+#: Seconds in-flight requests get to finish at shutdown.
+SHUTDOWN_GRACE_S = 10.0
+#: Seconds the Store gets to flush background disk writes at shutdown.
+FLUSH_TIMEOUT_S = 60.0
+
+
+def load_extensions(config: KVStrataConfig) -> list[ServerExtension]:
+    """The server extensions of the configured transports; a transport not installed is skipped."""
+    out: list[ServerExtension] = []
+    for name in config.server.transports:
+        try:
+            cls = server_extension_class(name)
+        except InvalidArgumentError as exc:
+            log.warning("transport %s is not available, serving without it: %s", name, exc)
+            continue
+        if cls is not None:
+            out.append(cls(config))
+    return out
+
+
+def build_store(config: StoreConfig, extensions: Sequence[ServerExtension] = ()) -> Any:
+    """The Store of ``config``; an extension may place the host tier's pool (e.g. in shared memory)."""
+    from kvstrata.kvstore.store import Store, available_memory_bytes
+
+    host_bytes = config.host_cache_bytes or int(available_memory_bytes() * config.host_cache_fraction)
+    host_bytes = max(host_bytes, config.slot_bytes)
+    buffer = None
+    for ext in extensions:
+        buffer = ext.host_buffer(host_bytes)
+        if buffer is not None:
+            break
+    if buffer is None:
+        return Store.from_config(config)
+    from kvstrata.kvstore.host import HostTier
+
+    tiers: list[Any] = [HostTier(host_bytes, config.slot_bytes, buffer=buffer, policy=config.eviction)]
+    if config.disk_cache_bytes > 0:
+        from kvstrata.config import default_cache_dir
+        from kvstrata.kvstore.disk import DiskTier
+
+        tiers.append(
+            DiskTier(
+                config.disk_dir or default_cache_dir(),
+                config.disk_cache_bytes,
+                fsync=config.disk_fsync,
+                policy=config.eviction,
+            )
+        )
+    return Store(
+        tiers,
+        write_through=config.write_through,
+        demotion_queue=config.demotion_queue,
+        demotion_workers=config.demotion_workers,
+    )
+
+
+@contextlib.contextmanager
+def _event_loop_policy() -> Iterator[None]:
+    try:
+        import uvloop
+    except ImportError:
+        yield
+        return
+    old = asyncio.get_event_loop_policy()
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    try:
+        yield
+    finally:
+        asyncio.set_event_loop_policy(old)
+
+
+def run_daemon(config: KVStrataConfig, token: bytes | None) -> None:
+    """Run until SIGTERM or SIGINT."""
+    with _event_loop_policy():
+        asyncio.run(_main(config, token))
+
+
+class _AdminServer:
+    """uvicorn in our event loop, without uvicorn's own signal handling (ours drives the shutdown)."""
+
+    def __init__(self, app: Any, host: str, port: int) -> None:
+        import uvicorn
+
+        class Server(uvicorn.Server):
+            @contextlib.contextmanager
+            def capture_signals(self) -> Iterator[None]:
+                yield
+
+        self.server = Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off"))
+        self.task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(self.server.serve())
+
+    async def stop(self) -> None:
+        self.server.should_exit = True
+        if self.task is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.task, 5.0)
+
+
+async def _main(config: KVStrataConfig, token: bytes | None) -> None:
+    from kvstrata.server.admin import create_admin_app
+    from kvstrata.server.app import CacheServer
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    srv = config.server
+    extensions = load_extensions(config)
+    store = build_store(config.store, extensions)
+    for ext in extensions:
+        ext.attach(store)
+    server = CacheServer(
+        store,
+        host=srv.host,
+        port=srv.port,
+        token=token,
+        max_payload=srv.max_payload_bytes,
+        max_connections=srv.max_connections,
+        max_inflight_bytes=srv.max_inflight_bytes,
+        write_timeout=srv.write_timeout_s,
+        extensions=extensions,
+    )
+    admin: _AdminServer | None = None
+    try:
+        await server.start()
+        log.info("kvstrata serve: event loop %s", type(loop).__module__.split(".")[0])
+        for tier in store.tiers:
+            where = f" at {getattr(tier, 'directory', '')}" if tier.name == "disk" else ""
+            log.info("tier %s: %s%s", tier.name, format_size(tier.capacity_bytes), where)
+        log.info(
+            "data port listening on kvs://%s:%d (transports: %s; auth: %s)",
+            srv.host,
+            server.port,
+            ", ".join(server.transports),
+            "token" if token else "none",
+        )
+        if config.index.backend != "memory":
+            log.info(
+                "index backend %s: recorded (the server does not publish to an index yet)",
+                config.index.backend,
+            )
+        if srv.admin_port:
+            admin = _AdminServer(create_admin_app(server, token), srv.host, srv.admin_port)
+            admin.start()
+            log.info(
+                "admin HTTP listening on http://%s:%d (/healthz /readyz /metrics /v1/stats /v1/lookup)",
+                srv.host,
+                srv.admin_port,
+            )
+        await stop.wait()
+        log.info("shutting down: finishing in-flight requests")
+    finally:
+        await server.stop(SHUTDOWN_GRACE_S)
+        if admin is not None:
+            await admin.stop()
+        flushed = await loop.run_in_executor(None, store.flush, FLUSH_TIMEOUT_S)
+        if not flushed:
+            log.warning("background disk writes did not finish within %.0f s", FLUSH_TIMEOUT_S)
+        store.close()
+        log.info("kvstrata serve: stopped")

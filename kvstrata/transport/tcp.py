@@ -1,0 +1,416 @@
+"""The tcp transport (``kvs://``), client side: one blocking socket, zero-copy sends and receives.
+
+Requests go out with one ``socket.sendmsg`` of [header+metadata, payload memoryviews...] (scatter/gather,
+no concatenation); reply payloads are read with ``recv_into`` straight into the destination tensor's
+memory. Nothing on the data path builds an intermediate ``bytes`` object of chunk data. Call order and
+failure semantics: :mod:`kvstrata.transport.base`.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from kvstrata.errors import (
+    AuthenticationError,
+    ChunkTooLargeError,
+    ConnectError,
+    InvalidArgumentError,
+    KVStrataError,
+    ProtocolError,
+    RequestTimeoutError,
+    TransportError,
+    VersionMismatchError,
+)
+from kvstrata.transport import protocol as p
+from kvstrata.transport.base import PrefixResult, PutSpec, ServerAddress, Transport, TransportOptions
+
+__all__ = ["TcpTransport", "byte_view"]
+
+#: Linux's IOV_MAX is 1024; stay well below it per sendmsg call.
+_MAX_IOV = 512
+_DISCARD = 1 << 20
+
+
+def byte_view(tensor: torch.Tensor) -> memoryview:
+    """A flat, writable memoryview of a contiguous CPU tensor's bytes (no copy)."""
+    flat = tensor.reshape(-1).view(torch.uint8)
+    if flat.numel() == 0:
+        return memoryview(bytearray())
+    return memoryview(flat.numpy()).cast("B")  # type: ignore[arg-type]
+
+
+class TcpTransport(Transport):
+    """A blocking-socket connection speaking the kvs protocol (see the module docstring)."""
+
+    scheme = "kvs"
+    name = "tcp"
+
+    def __init__(self, address: ServerAddress, options: TransportOptions) -> None:
+        super().__init__(address, options)
+        self._sock: socket.socket | None = None
+        self._broken = False
+        self._next_id = 1
+        self._deadline = 0.0
+        self._header_buf = bytearray(p.HEADER_SIZE)
+        self.greeting: p.ServerHello | None = None
+
+    # -- state -------------------------------------------------------------------------------------
+    @property
+    def broken(self) -> bool:
+        """True once the connection failed or was closed."""
+        return self._broken or self._sock is None
+
+    @property
+    def max_payload(self) -> int:
+        """The server's payload limit from its greeting."""
+        return self.greeting.max_payload if self.greeting is not None else 0
+
+    def close(self) -> None:
+        """Close the socket; idempotent."""
+        self._broken = True
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            try:
+                sock.close()
+            except OSError:
+                pass
+
+    # -- low-level I/O with deadline and error translation ----------------------------------------
+    def _fail(self, exc: BaseException) -> TransportError:
+        """Close the connection and translate ``exc`` into the exception tree."""
+        self.close()
+        if isinstance(exc, TransportError):
+            return exc
+        if isinstance(exc, (socket.timeout, TimeoutError)):
+            return RequestTimeoutError(f"{self.address}: no reply within the timeout")
+        return ConnectError(f"{self.address}: connection lost: {exc}")
+
+    def _remaining(self) -> float:
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise RequestTimeoutError(f"{self.address}: request timed out")
+        return left
+
+    def _sock_or_fail(self) -> socket.socket:
+        if self._sock is None or self._broken:
+            raise ConnectError(f"{self.address}: not connected")
+        return self._sock
+
+    def _send(self, parts: list[Any]) -> None:
+        sock = self._sock_or_fail()
+        views = [memoryview(x).cast("B") for x in parts if len(x)]
+        while views:
+            sock.settimeout(self._remaining())
+            sent = sock.sendmsg(views[:_MAX_IOV])
+            while sent:
+                head = views[0]
+                if sent >= len(head):
+                    sent -= len(head)
+                    views.pop(0)
+                else:
+                    views[0] = head[sent:]
+                    sent = 0
+
+    def _recv_into(self, view: memoryview) -> None:
+        sock = self._sock_or_fail()
+        got, total = 0, len(view)
+        while got < total:
+            sock.settimeout(self._remaining())
+            n = sock.recv_into(view[got:])
+            if n == 0:
+                raise ConnectError(f"{self.address}: the server closed the connection")
+            got += n
+
+    def _discard(self, nbytes: int) -> None:
+        scratch = memoryview(bytearray(min(nbytes, _DISCARD)))
+        while nbytes:
+            step = min(nbytes, len(scratch))
+            self._recv_into(scratch[:step])
+            nbytes -= step
+
+    def _read_header(self, *, expect_version: int | None = p.PROTOCOL_VERSION) -> p.Header:
+        self._recv_into(memoryview(self._header_buf))
+        limit = max(self.max_payload, 0)
+        return p.parse_header(self._header_buf, limit, expect_version=expect_version)
+
+    def _read_meta(self, header: p.Header, kind: type[Any] | None = None) -> Any:
+        raw = bytearray(header.meta_len)
+        self._recv_into(memoryview(raw))
+        return p.decode_meta(header.opcode, header.is_reply, raw, kind=kind)
+
+    def _request(
+        self, opcode: int, meta: Any, payload: Sequence[Any] = (), *, flags: int = 0, crc: int = 0
+    ) -> int:
+        rid = self._next_id
+        self._next_id += 1
+        raw = p.encode_meta(meta)
+        size = sum(len(memoryview(x).cast("B")) for x in payload)
+        head = p.pack_header(opcode, rid, len(raw), size, flags=flags, checksum=crc)
+        self._send([head + raw, *payload])
+        return rid
+
+    def _reply(self, rid: int, opcode: int) -> tuple[p.Header, Any]:
+        """Read one reply's header and metadata; raises the mapped exception for an ERROR reply."""
+        header = self._read_header()
+        if not header.is_reply or header.request_id != rid:
+            raise ProtocolError(f"{self.address}: reply for request {header.request_id}, expected {rid}")
+        if header.opcode == p.Op.ERROR:
+            err = self._read_meta(header)
+            self._discard(header.payload_len)
+            error = p.error_for(err)
+            if isinstance(error, (ProtocolError, AuthenticationError)):
+                raise self._fail(error)
+            raise error
+        if header.opcode != opcode:
+            raise ProtocolError(f"{self.address}: reply opcode 0x{header.opcode:02x} to 0x{opcode:02x}")
+        return header, self._read_meta(header)
+
+    def _call(self, timeout: float, fn: Any, *args: Any) -> Any:
+        """Run one exchange under a deadline; connection-level failures break the transport."""
+        self._deadline = time.monotonic() + timeout
+        try:
+            return fn(*args)
+        except (ProtocolError, ConnectError, RequestTimeoutError) as exc:
+            raise self._fail(exc) from exc
+        except OSError as exc:
+            raise self._fail(exc) from exc
+        except KVStrataError:
+            raise
+
+    # -- handshake ---------------------------------------------------------------------------------
+    def connect(self, timeout: float) -> None:
+        """Open the connection and run the HELLO handshake (version check, optional HMAC auth)."""
+        if self._sock is not None:
+            return
+        budget = min(timeout, self.options.connect_timeout)
+        try:
+            sock = socket.create_connection((self.address.host, self.address.port), timeout=budget)
+        except OSError as exc:
+            self._broken = True
+            raise ConnectError(f"cannot connect to {self.address}: {exc}") from exc
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._sock = sock
+        self._broken = False
+        self._call(timeout, self._handshake)
+
+    def _handshake(self) -> None:
+        header = self._read_header(expect_version=None)
+        if header.version != p.PROTOCOL_VERSION:
+            raise VersionMismatchError(
+                f"{self.address} speaks kvs protocol version {header.version}; "
+                f"this client speaks version {p.PROTOCOL_VERSION}"
+            )
+        if header.opcode != p.Op.HELLO or header.request_id != 0 or header.payload_len:
+            raise ProtocolError(f"{self.address}: no greeting from the server (is it a kvstrata server?)")
+        greeting: p.ServerHello = self._read_meta(header, kind=p.ServerHello)
+        if greeting.version != p.PROTOCOL_VERSION:
+            raise VersionMismatchError(
+                f"{self.address} speaks kvs protocol version {greeting.version}; "
+                f"this client speaks version {p.PROTOCOL_VERSION}"
+            )
+        token = self.options.token
+        if greeting.auth and not token:
+            raise AuthenticationError(f"{self.address} requires a token and none was given")
+        nonce = os.urandom(p.NONCE_BYTES)
+        proof = p.auth_proof(token, greeting.nonce, nonce, server=False) if token and greeting.auth else b""
+        hello = p.ClientHello(
+            version=p.PROTOCOL_VERSION,
+            client=self.options.client_name,
+            nonce=nonce,
+            proof=proof,
+            transport=self.name,
+        )
+        self.greeting = greeting
+        rid = self._request(p.Op.HELLO, hello)
+        _, reply = self._reply(rid, p.Op.HELLO)
+        if token and greeting.auth:
+            import hmac
+
+            expected = p.auth_proof(token, nonce, greeting.nonce, server=True)
+            if not hmac.compare_digest(expected, reply.proof):
+                raise AuthenticationError(f"{self.address} failed to prove it knows the token")
+        self.on_hello(greeting, reply)
+
+    def on_hello(self, greeting: p.ServerHello, reply: p.HelloReply) -> None:
+        """Hook for subclasses (shm, nixl) to read their extension data from the greeting."""
+
+    # -- operations --------------------------------------------------------------------------------
+    def put_many(self, items: Sequence[PutSpec], timeout: float) -> list[KVStrataError | None]:
+        """PUT_MANY in batches bounded by the server's payload and key limits."""
+        results: list[KVStrataError | None] = [None] * len(items)
+        limit = self.max_payload
+        batch: list[int] = []
+        size = 0
+        for i, item in enumerate(items):
+            n = item.data.numel()
+            if n > limit:
+                results[i] = ChunkTooLargeError(f"a {n}-byte chunk exceeds the server's {limit}-byte limit")
+                continue
+            if batch and (size + n > limit or len(batch) >= p.MAX_KEYS):
+                self._call(timeout, self._put_batch, items, batch, results)
+                batch, size = [], 0
+            batch.append(i)
+            size += n
+        if batch:
+            self._call(timeout, self._put_batch, items, batch, results)
+        return results
+
+    def _put_batch(
+        self, items: Sequence[PutSpec], batch: list[int], results: list[KVStrataError | None]
+    ) -> None:
+        want_crc = self.options.checksum
+        views = [byte_view(items[i].data) for i in batch]
+        wire = [
+            p.PutItem(
+                key=items[i].key,
+                size=len(view),
+                checksum=p.checksum(view) if want_crc else 0,
+                meta=_wire_meta(items[i]),
+            )
+            for i, view in zip(batch, views, strict=True)
+        ]
+        flags = p.Flag.CHECKSUM if want_crc else 0
+        rid = self._request(p.Op.PUT_MANY, p.PutManyRequest(items=wire), views, flags=flags)
+        _, reply = self._reply(rid, p.Op.PUT_MANY)
+        if len(reply.results) != len(batch):
+            raise ProtocolError(f"{self.address}: PUT_MANY reply has {len(reply.results)} results")
+        for i, code in zip(batch, reply.results, strict=True):
+            results[i] = p.error_for(p.ErrorReply(code=code, message=f"put of item {i}")) if code else None
+
+    def get_many(
+        self, keys: Sequence[bytes], outs: Sequence[torch.Tensor | None], timeout: float
+    ) -> list[torch.Tensor | None]:
+        """GET_MANY; deferred keys (the server's reply budget ran out) are asked for again."""
+        results: list[torch.Tensor | None] = [None] * len(keys)
+        pending = list(range(len(keys)))
+        while pending:
+            batch = pending[: p.MAX_KEYS]
+            deferred = self._call(timeout, self._get_batch, keys, outs, batch, results)
+            if len(deferred) == len(batch):
+                raise ProtocolError(f"{self.address}: GET_MANY made no progress")
+            pending = deferred + pending[len(batch) :]
+        return results
+
+    def _get_batch(
+        self,
+        keys: Sequence[bytes],
+        outs: Sequence[torch.Tensor | None],
+        batch: list[int],
+        results: list[torch.Tensor | None],
+    ) -> list[int]:
+        want_crc = self.options.checksum
+        flags = p.Flag.CHECKSUM if want_crc else 0
+        rid = self._request(p.Op.GET_MANY, p.KeysRequest(keys=[keys[i] for i in batch]), flags=flags)
+        header, reply = self._reply(rid, p.Op.GET_MANY)
+        sizes = reply.sizes
+        crcs = reply.checksums if header.has_checksum else []
+        if len(sizes) != len(batch) or (crcs and len(crcs) != len(batch)):
+            raise ProtocolError(f"{self.address}: GET_MANY reply does not match the request")
+        if sum(s for s in sizes if s > 0) != header.payload_len:
+            raise ProtocolError(f"{self.address}: GET_MANY payload length does not match its sizes")
+        deferred: list[int] = []
+        too_small: InvalidArgumentError | None = None
+        for pos, (i, size) in enumerate(zip(batch, sizes, strict=True)):
+            if size == -2:
+                deferred.append(i)
+                continue
+            if size < 0:
+                continue
+            out = outs[i]
+            if out is None:
+                dest = torch.empty(size, dtype=torch.uint8)
+            else:
+                dest = out.reshape(-1).view(torch.uint8)
+                if dest.numel() < size:
+                    self._discard(size)
+                    too_small = InvalidArgumentError(f"out holds {dest.numel()} bytes, the chunk has {size}")
+                    continue
+                dest = dest[:size]
+            view = byte_view(dest)
+            self._recv_into(view)
+            if crcs and p.checksum(view) != crcs[pos]:
+                self.corrupt += 1
+                continue  # corrupt bytes are a miss, never a hit
+            results[i] = dest
+        if too_small is not None:
+            raise too_small
+        return deferred
+
+    def _keys_op(self, opcode: int, keys: Sequence[bytes]) -> Any:
+        rid = self._request(opcode, p.KeysRequest(keys=list(keys)))
+        _, reply = self._reply(rid, opcode)
+        return reply
+
+    def exists(self, keys: Sequence[bytes], timeout: float) -> list[bool]:
+        """EXISTS, one round trip per 4,096 keys."""
+        out: list[bool] = []
+        for start in range(0, len(keys), p.MAX_KEYS):
+            part = keys[start : start + p.MAX_KEYS]
+            reply = self._call(timeout, self._keys_op, p.Op.EXISTS, part)
+            if len(reply.present) != len(part):
+                raise self._fail(ProtocolError(f"{self.address}: EXISTS reply does not match"))
+            out += reply.present
+        return out
+
+    def delete(self, keys: Sequence[bytes], timeout: float) -> list[bool]:
+        """DELETE, one round trip per 4,096 keys."""
+        out: list[bool] = []
+        for start in range(0, len(keys), p.MAX_KEYS):
+            part = keys[start : start + p.MAX_KEYS]
+            reply = self._call(timeout, self._keys_op, p.Op.DELETE, part)
+            if len(reply.removed) != len(part):
+                raise self._fail(ProtocolError(f"{self.address}: DELETE reply does not match"))
+            out += reply.removed
+        return out
+
+    def lookup_prefix(self, keys: Sequence[bytes], timeout: float) -> PrefixResult:
+        """LOOKUP_PREFIX: one round trip per 4,096 keys (the walk stops at the first gap)."""
+        count = 0
+        tiers: list[str] = []
+        for start in range(0, len(keys), p.MAX_KEYS):
+            part = keys[start : start + p.MAX_KEYS]
+            reply = self._call(timeout, self._keys_op, p.Op.LOOKUP_PREFIX, part)
+            if reply.num_chunks > len(part) or len(reply.tiers) != reply.num_chunks:
+                raise self._fail(ProtocolError(f"{self.address}: LOOKUP_PREFIX reply does not match"))
+            count += reply.num_chunks
+            tiers += reply.tiers
+            if reply.num_chunks < len(part):
+                break
+        return PrefixResult(count, tuple(tiers))
+
+    def stats(self, timeout: float) -> dict[str, Any]:
+        """STATS."""
+
+        def run() -> Any:
+            rid = self._request(p.Op.STATS, p.Empty())
+            return self._reply(rid, p.Op.STATS)[1]
+
+        reply = self._call(timeout, run)
+        return {"tiers": dict(reply.tiers), "server": dict(reply.server)}
+
+    def ping(self, timeout: float) -> float:
+        """PING; returns the round-trip time in seconds."""
+
+        def run() -> float:
+            start = time.perf_counter()
+            rid = self._request(p.Op.PING, p.Empty())
+            self._reply(rid, p.Op.PING)
+            return time.perf_counter() - start
+
+        return float(self._call(timeout, run))
+
+
+def _wire_meta(item: PutSpec) -> p.WireMeta:
+    meta = item.meta
+    return p.WireMeta(
+        block_keys=list(meta.block_keys),
+        fingerprint=meta.fingerprint,
+        codec=meta.codec,
+        num_tokens=meta.num_tokens,
+    )
