@@ -559,7 +559,12 @@ class Store:
             if handle is None:
                 continue
             with handle:
-                self._store_at(0, key, handle.data, handle.meta)
+                try:
+                    self._store_at(0, key, handle.data, handle.meta)
+                except (TierFullError, ChunkTooLargeError) as exc:
+                    # Promotion is an optimisation: a top tier pinned full (or too small) just skips it.
+                    log.debug("store: promotion to the %s tier skipped: %s", self.tiers[0].name, exc)
+                    return
             self._maybe_relieve(0)
             return
 
