@@ -121,6 +121,7 @@ def run_lmcache(python: str, chunks: int, repeat: int) -> dict[int, dict[str, fl
 def run_kvstrata(chunks: int, repeat: int) -> dict[int, dict[str, float]]:
     """Start ``kvstrata serve`` (host tier only) and move the same chunks with one Client."""
     import torch
+
     from kvstrata.client import Client
 
     port, admin = _free_port(), _free_port()
@@ -157,7 +158,7 @@ def run_kvstrata(chunks: int, repeat: int) -> dict[int, dict[str, float]]:
                 outs = [torch.empty(size, dtype=torch.uint8) for _ in range(chunks)]
 
                 def put_all(keys: list[bytes] = keys, datas: list[torch.Tensor] = datas) -> None:
-                    client.put_many(list(zip(keys, datas, strict=True)))
+                    client.put_many(keys, datas)
 
                 def get_all(keys: list[bytes] = keys, outs: list[torch.Tensor] = outs) -> list[object]:
                     return list(client.get_many(keys, outs=outs))

@@ -1,0 +1,582 @@
+"""Leased slots: the part the out-of-band transports (shm, nixl) share.
+
+Those transports move chunk bytes outside the control connection — the client copies straight out of (or
+into) the server's memory — so the control connection carries only *where* the bytes are and *leases* that
+keep them there. Five extension opcodes at ``base + 0..4`` (shm: 0x40, nixl: 0x50):
+
+- ``ATTACH`` (``base+0``): transport specific (the shm segment's name, NIXL agent metadata). Only after a
+  successful HELLO, so only authenticated clients learn where the server's memory is.
+- ``LEASE_GET`` ``{keys}`` -> ``{sizes, positions, leases}``: each hit is pinned (``Store.acquire``) and
+  its position in the shared region is returned with a lease id; a hit that is not in the shared region
+  (disk or device tier) is first copied into a staging slot. ``sizes[i]`` is ``-1`` for a miss and ``-2``
+  when no lease could be granted now (the client fetches it over the control connection instead).
+- ``RELEASE`` ``{leases}`` -> ``{valid}``: unpins; ``valid[i]`` is false when the lease had expired, in
+  which case the bytes the client copied may have been overwritten and the client reports a miss.
+- ``PUT_BEGIN`` ``{sizes}`` -> ``{leases, positions}``: staging slots to write into (lease 0: none free).
+- ``PUT_COMMIT`` ``{items: [{lease, key, size, meta}]}`` -> ``{results}``: the server stores each staged
+  chunk (one copy, staging slot -> Store) and frees the slot; ``results`` as in PUT_MANY.
+
+Leases are per connection and bounded (``MAX_LEASES_PER_CONNECTION``); they expire after ``lease_ttl_s``
+(a client that stalls must not pin memory forever) and all of a connection's leases end when it closes.
+An expired *get* lease unpins the chunk (its slot may be reused; the client's RELEASE learns that and
+reports a miss). An expired *put* lease's staging slot is quarantined until its connection closes, because
+the client may still be writing into it. All lease state lives on the server's event-loop thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from abc import abstractmethod
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Annotated, Any, ClassVar
+
+import msgspec
+import torch
+
+from kvstrata.errors import InvalidArgumentError, KVStrataError, ProtocolError
+from kvstrata.kvstore.tier import ChunkHandle, ChunkMeta
+from kvstrata.transport import protocol as p
+from kvstrata.transport.base import PutSpec
+from kvstrata.transport.tcp import TcpTransport, _wire_meta
+
+__all__ = [
+    "ATTACH",
+    "GET",
+    "MAX_LEASES_PER_CONNECTION",
+    "PUT_BEGIN",
+    "PUT_COMMIT",
+    "RELEASE",
+    "LeaseGetReply",
+    "LeaseServer",
+    "LeaseTransport",
+    "PutBeginReply",
+    "PutBeginRequest",
+    "PutCommitItem",
+    "PutCommitRequest",
+    "ReleaseReply",
+    "ReleaseRequest",
+    "StagingPool",
+    "register_lease_ops",
+]
+
+log = logging.getLogger(__name__)
+
+#: Offsets of the lease opcodes from a transport's base opcode.
+ATTACH, GET, RELEASE, PUT_BEGIN, PUT_COMMIT = range(5)
+#: Leases one connection may hold at once (requests beyond it are deferred, never queued).
+MAX_LEASES_PER_CONNECTION = p.MAX_KEYS
+#: Default lease lifetime; a client copies a chunk in milliseconds, so this only catches stalled clients.
+DEFAULT_LEASE_TTL_S = 30.0
+
+Position = Annotated[int, msgspec.Meta(ge=-1, le=(1 << 63) - 1)]
+LeaseId = Annotated[int, msgspec.Meta(ge=0, le=(1 << 63) - 1)]
+Keys = Annotated[list[p.Key], msgspec.Meta(max_length=p.MAX_KEYS)]
+
+
+class _Meta(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """Base of the lease metadata structs (msgpack maps, unknown fields ignored)."""
+
+
+class LeaseGetRequest(_Meta):
+    """LEASE_GET: the keys to pin."""
+
+    keys: Keys
+
+
+class LeaseGetReply(_Meta):
+    """Per key: size (-1 miss, -2 deferred), position in the shared region, lease id (0 when none)."""
+
+    sizes: Annotated[list[p.SignedSize], msgspec.Meta(max_length=p.MAX_KEYS)]
+    positions: Annotated[list[Position], msgspec.Meta(max_length=p.MAX_KEYS)]
+    leases: Annotated[list[LeaseId], msgspec.Meta(max_length=p.MAX_KEYS)]
+
+
+class ReleaseRequest(_Meta):
+    """RELEASE: lease ids to end."""
+
+    leases: Annotated[list[LeaseId], msgspec.Meta(max_length=p.MAX_KEYS)]
+
+
+class ReleaseReply(_Meta):
+    """Per lease: true when it was still valid (the bytes read under it are good)."""
+
+    valid: Annotated[list[bool], msgspec.Meta(max_length=p.MAX_KEYS)]
+
+
+class PutBeginRequest(_Meta):
+    """PUT_BEGIN: the sizes of the chunks about to be written."""
+
+    sizes: Annotated[list[p.Size], msgspec.Meta(max_length=p.MAX_KEYS)]
+
+
+class PutBeginReply(_Meta):
+    """Per chunk: a staging lease and its position (lease 0, position -1: none free now)."""
+
+    leases: Annotated[list[LeaseId], msgspec.Meta(max_length=p.MAX_KEYS)]
+    positions: Annotated[list[Position], msgspec.Meta(max_length=p.MAX_KEYS)]
+
+
+class PutCommitItem(_Meta):
+    """One staged chunk to store."""
+
+    lease: LeaseId
+    key: p.Key
+    size: p.Size
+    meta: p.WireMeta = msgspec.field(default_factory=p.WireMeta)
+
+
+class PutCommitRequest(_Meta):
+    """PUT_COMMIT: staged chunks to store."""
+
+    items: Annotated[list[PutCommitItem], msgspec.Meta(max_length=p.MAX_KEYS)]
+
+
+def register_lease_ops(base: int) -> None:
+    """Register the metadata structs of the lease opcodes ``base+1..base+4`` (ATTACH is the caller's)."""
+    p.register_meta(base + GET, LeaseGetRequest, LeaseGetReply)
+    p.register_meta(base + RELEASE, ReleaseRequest, ReleaseReply)
+    p.register_meta(base + PUT_BEGIN, PutBeginRequest, PutBeginReply)
+    p.register_meta(base + PUT_COMMIT, PutCommitRequest, p.PutManyReply)
+
+
+class StagingPool:
+    """Fixed-size staging slots carved from one byte tensor (a free list; not thread-safe)."""
+
+    def __init__(self, buffer: torch.Tensor, slot_bytes: int) -> None:
+        if slot_bytes <= 0:
+            raise InvalidArgumentError(f"staging slot size must be positive, got {slot_bytes}")
+        self.buffer = buffer
+        self.slot_bytes = slot_bytes
+        self.num_slots = buffer.numel() // slot_bytes
+        self._free = list(range(self.num_slots - 1, -1, -1))
+
+    @property
+    def free_slots(self) -> int:
+        """Slots that :meth:`alloc` can hand out now."""
+        return len(self._free)
+
+    def alloc(self) -> int | None:
+        """A free slot, or ``None``."""
+        return self._free.pop() if self._free else None
+
+    def free(self, slot: int) -> None:
+        """Give a slot back."""
+        self._free.append(slot)
+
+    def view(self, slot: int, nbytes: int) -> torch.Tensor:
+        """The first ``nbytes`` of ``slot``."""
+        return self.buffer.narrow(0, slot * self.slot_bytes, nbytes)
+
+
+@dataclass(slots=True)
+class _Lease:
+    owner: int
+    deadline: float
+    size: int
+    handle: ChunkHandle | None = None
+    staging: int | None = None
+    put: bool = False
+    expired: bool = False
+
+
+def _chunk_meta(meta: p.WireMeta) -> ChunkMeta:
+    return ChunkMeta(
+        block_keys=tuple(meta.block_keys),
+        fingerprint=meta.fingerprint,
+        codec=meta.codec,
+        num_tokens=meta.num_tokens,
+    )
+
+
+class LeaseServer:
+    """The server side of the lease opcodes, for one transport extension.
+
+    ``locate(tensor)`` returns the wire position of a pinned chunk's bytes when they lie in memory the
+    clients can reach (the shm segment; NIXL-registered memory), else ``None``; ``staging_position(slot)``
+    is the wire position of a staging slot. Handlers run on the server's event loop.
+    """
+
+    def __init__(
+        self,
+        base: int,
+        staging: StagingPool,
+        locate: Callable[[torch.Tensor], int | None],
+        staging_position: Callable[[int], int],
+        *,
+        lease_ttl_s: float = DEFAULT_LEASE_TTL_S,
+    ) -> None:
+        self.base = base
+        self.staging = staging
+        self._locate = locate
+        self._staging_position = staging_position
+        self.lease_ttl_s = lease_ttl_s
+        self._leases: OrderedDict[int, _Lease] = OrderedDict()
+        self._per_owner: dict[int, set[int]] = {}
+        self._quarantine: dict[int, list[int]] = {}
+        self._next_id = 1
+        self.counters = {"leases": 0, "expired": 0, "staged_gets": 0, "deferred": 0}
+
+    # -- bookkeeping -------------------------------------------------------------------------------
+    def _new_lease(self, owner: int, lease: _Lease) -> int:
+        lease_id = self._next_id
+        self._next_id += 1
+        self._leases[lease_id] = lease
+        self._per_owner.setdefault(owner, set()).add(lease_id)
+        self.counters["leases"] += 1
+        return lease_id
+
+    def _end(self, lease_id: int, lease: _Lease, *, expired: bool) -> None:
+        del self._leases[lease_id]
+        owned = self._per_owner.get(lease.owner)
+        if owned is not None:
+            owned.discard(lease_id)
+        if lease.handle is not None:
+            lease.handle.release()
+            lease.handle = None
+        if lease.staging is not None:
+            if expired and lease.put:
+                # The client may still be writing into it: keep it out of use until the connection ends.
+                self._quarantine.setdefault(lease.owner, []).append(lease.staging)
+            else:
+                self.staging.free(lease.staging)
+            lease.staging = None
+
+    def reap(self, now: float | None = None) -> int:
+        """End leases past their deadline (oldest first; they were created in deadline order)."""
+        now = time.monotonic() if now is None else now
+        count = 0
+        while self._leases:
+            lease_id, lease = next(iter(self._leases.items()))
+            if lease.deadline > now:
+                break
+            lease.expired = True
+            self._end(lease_id, lease, expired=True)
+            count += 1
+        if count:
+            self.counters["expired"] += count
+            log.warning("%d leases expired (a client stalled for over %.0f s)", count, self.lease_ttl_s)
+        return count
+
+    def held_by(self, owner: int) -> int:
+        """Leases ``owner`` holds now."""
+        return len(self._per_owner.get(owner, ()))
+
+    @property
+    def active(self) -> int:
+        """Leases held by every client together."""
+        return len(self._leases)
+
+    def owner_closed(self, owner: int) -> None:
+        """A connection ended: end its leases and free its quarantined staging slots."""
+        for lease_id in list(self._per_owner.pop(owner, ())):
+            lease = self._leases.get(lease_id)
+            if lease is not None:
+                lease.put = False  # the writer is gone: the slot can be reused
+                self._end(lease_id, lease, expired=False)
+        for slot in self._quarantine.pop(owner, []):
+            self.staging.free(slot)
+
+    def close(self) -> None:
+        """End every lease (at shutdown)."""
+        for owner in list(self._per_owner):
+            self.owner_closed(owner)
+
+    # -- operations (also used directly by tests) --------------------------------------------------
+    def lease_get(self, owner: int, store: Any, keys: Sequence[bytes]) -> LeaseGetReply:
+        """Pin each key and say where its bytes are."""
+        self.reap()
+        sizes: list[int] = []
+        positions: list[int] = []
+        leases: list[int] = []
+        deadline = time.monotonic() + self.lease_ttl_s
+        for key in keys:
+            if self.held_by(owner) >= MAX_LEASES_PER_CONNECTION:
+                sizes.append(-2)
+                positions.append(-1)
+                leases.append(0)
+                self.counters["deferred"] += 1
+                continue
+            handle: ChunkHandle | None = store.acquire(key)
+            if handle is None:
+                sizes.append(-1)
+                positions.append(-1)
+                leases.append(0)
+                continue
+            data = handle.data.reshape(-1).view(torch.uint8)
+            size = data.numel()
+            position = self._locate(data) if data.device.type == "cpu" else None
+            lease = _Lease(owner, deadline, size)
+            if position is not None:
+                lease.handle = handle
+            else:
+                slot = self.staging.alloc() if size <= self.staging.slot_bytes else None
+                if slot is None:
+                    handle.release()
+                    sizes.append(-2)
+                    positions.append(-1)
+                    leases.append(0)
+                    self.counters["deferred"] += 1
+                    continue
+                try:
+                    self.staging.view(slot, size).copy_(data)
+                finally:
+                    handle.release()
+                lease.staging = slot
+                position = self._staging_position(slot)
+                self.counters["staged_gets"] += 1
+            sizes.append(size)
+            positions.append(position)
+            leases.append(self._new_lease(owner, lease))
+        return LeaseGetReply(sizes=sizes, positions=positions, leases=leases)
+
+    def release(self, owner: int, lease_ids: Sequence[int]) -> ReleaseReply:
+        """End leases; ``valid[i]`` is whether lease ``i`` was still held (not expired, this owner's)."""
+        self.reap()
+        valid: list[bool] = []
+        for lease_id in lease_ids:
+            lease = self._leases.get(lease_id)
+            if lease is None or lease.owner != owner or lease.put:
+                valid.append(False)
+                continue
+            self._end(lease_id, lease, expired=False)
+            valid.append(True)
+        return ReleaseReply(valid=valid)
+
+    def put_begin(self, owner: int, sizes: Sequence[int]) -> PutBeginReply:
+        """Lease a staging slot for each chunk that fits and while slots are free."""
+        self.reap()
+        leases: list[int] = []
+        positions: list[int] = []
+        deadline = time.monotonic() + self.lease_ttl_s
+        for size in sizes:
+            slot = None
+            if size <= self.staging.slot_bytes and self.held_by(owner) < MAX_LEASES_PER_CONNECTION:
+                slot = self.staging.alloc()
+            if slot is None:
+                leases.append(0)
+                positions.append(-1)
+                continue
+            lease = _Lease(owner, deadline, size, staging=slot, put=True)
+            leases.append(self._new_lease(owner, lease))
+            positions.append(self._staging_position(slot))
+        return PutBeginReply(leases=leases, positions=positions)
+
+    def put_commit(self, owner: int, store: Any, items: Sequence[PutCommitItem]) -> p.PutManyReply:
+        """Store each staged chunk and free its slot; per item "" or an error code."""
+        from kvstrata.server.app import error_code
+
+        self.reap()
+        results: list[str] = []
+        for item in items:
+            lease = self._leases.get(item.lease)
+            if lease is None or lease.owner != owner or not lease.put or lease.staging is None:
+                results.append("busy")  # expired or unknown: nothing stored, the client may retry
+                continue
+            if item.size > lease.size:
+                self._end(item.lease, lease, expired=False)
+                results.append("invalid_argument")
+                continue
+            try:
+                store.put(item.key, self.staging.view(lease.staging, item.size), _chunk_meta(item.meta))
+            except KVStrataError as exc:
+                results.append(error_code(exc))
+            else:
+                results.append("")
+            finally:
+                lease.put = False
+                self._end(item.lease, lease, expired=False)
+        return p.PutManyReply(results=results)
+
+    # -- server handlers ---------------------------------------------------------------------------
+    def handlers(self) -> Mapping[int, Callable[[Any, p.Header, Any], Any]]:
+        """Opcode -> handler coroutine for the four lease operations."""
+        base = self.base
+
+        async def on_get(conn: Any, header: p.Header, meta: LeaseGetRequest) -> None:
+            _no_payload(header)
+            reply = self.lease_get(id(conn), conn.store, meta.keys)
+            await conn.reply(base + GET, header.request_id, reply)
+
+        async def on_release(conn: Any, header: p.Header, meta: ReleaseRequest) -> None:
+            _no_payload(header)
+            await conn.reply(base + RELEASE, header.request_id, self.release(id(conn), meta.leases))
+
+        async def on_put_begin(conn: Any, header: p.Header, meta: PutBeginRequest) -> None:
+            _no_payload(header)
+            await conn.reply(base + PUT_BEGIN, header.request_id, self.put_begin(id(conn), meta.sizes))
+
+        async def on_put_commit(conn: Any, header: p.Header, meta: PutCommitRequest) -> None:
+            _no_payload(header)
+            reply = self.put_commit(id(conn), conn.store, meta.items)
+            await conn.reply(base + PUT_COMMIT, header.request_id, reply)
+
+        return {
+            base + GET: on_get,
+            base + RELEASE: on_release,
+            base + PUT_BEGIN: on_put_begin,
+            base + PUT_COMMIT: on_put_commit,
+        }
+
+
+def _no_payload(header: p.Header) -> None:
+    if header.payload_len:
+        raise ProtocolError("lease requests carry no payload")
+
+
+class LeaseTransport(TcpTransport):
+    """Client side of a leased-slot transport: control over the kvs connection, bytes out of band.
+
+    Subclasses set :attr:`base` and implement :meth:`_attach` (run once after HELLO), :meth:`_read_many`
+    and :meth:`_write_many` (move bytes between local tensors and server positions). Chunks the server
+    cannot lease (no free staging slot) go over the control connection like ``kvs://``; everything else of
+    the :class:`~kvstrata.transport.base.Transport` contract is inherited from the tcp transport.
+    """
+
+    base: ClassVar[int] = 0
+
+    def connect(self, timeout: float) -> None:
+        """Connect, run HELLO (sending this transport's name), then attach to the server's memory."""
+        if self._sock is not None:
+            return
+        super().connect(timeout)
+        self._call(timeout, self._attach)
+
+    @abstractmethod
+    def _attach(self) -> None:
+        """Run the ATTACH exchange and map or register the server's memory."""
+
+    @abstractmethod
+    def _read_many(self, spans: Sequence[tuple[int, torch.Tensor]]) -> None:
+        """Copy the bytes at each server position into its destination tensor."""
+
+    @abstractmethod
+    def _write_many(self, spans: Sequence[tuple[int, torch.Tensor]]) -> None:
+        """Copy each source tensor to its server position."""
+
+    # -- gets --------------------------------------------------------------------------------------
+    def get_many(
+        self, keys: Sequence[bytes], outs: Sequence[torch.Tensor | None], timeout: float
+    ) -> list[torch.Tensor | None]:
+        """Lease, copy out of band, release; chunks the server could not lease come over tcp."""
+        results: list[torch.Tensor | None] = [None] * len(keys)
+        deferred: list[int] = []
+        for start in range(0, len(keys), p.MAX_KEYS):
+            batch = list(range(start, min(len(keys), start + p.MAX_KEYS)))
+            self._call(timeout, self._get_leased, keys, outs, batch, results, deferred)
+        if deferred:
+            fetched = super().get_many([keys[i] for i in deferred], [outs[i] for i in deferred], timeout)
+            for i, got in zip(deferred, fetched, strict=True):
+                results[i] = got
+        return results
+
+    def _get_leased(
+        self,
+        keys: Sequence[bytes],
+        outs: Sequence[torch.Tensor | None],
+        batch: list[int],
+        results: list[torch.Tensor | None],
+        deferred: list[int],
+    ) -> None:
+        op = self.base + GET
+        rid = self._request(op, LeaseGetRequest(keys=[keys[i] for i in batch]))
+        _, reply = self._reply(rid, op)
+        n = len(batch)
+        if len(reply.sizes) != n or len(reply.positions) != n or len(reply.leases) != n:
+            raise ProtocolError(f"{self.address}: LEASE_GET reply does not match the request")
+        spans: list[tuple[int, torch.Tensor]] = []
+        taken: list[tuple[int, torch.Tensor, int]] = []
+        leases: list[int] = []
+        too_small: InvalidArgumentError | None = None
+        for i, size, position, lease in zip(batch, reply.sizes, reply.positions, reply.leases, strict=True):
+            if size == -2:
+                deferred.append(i)
+                continue
+            if size < 0:
+                continue
+            if lease <= 0 or position < 0:
+                raise ProtocolError(f"{self.address}: LEASE_GET hit without a lease")
+            leases.append(lease)
+            out = outs[i]
+            if out is None:
+                dest = torch.empty(size, dtype=torch.uint8)
+            else:
+                dest = out.reshape(-1).view(torch.uint8)
+                if dest.numel() < size:
+                    too_small = InvalidArgumentError(f"out holds {dest.numel()} bytes, the chunk has {size}")
+                    continue
+                dest = dest[:size]
+            spans.append((position, dest))
+            taken.append((i, dest, lease))
+        try:
+            if spans:
+                self._read_many(spans)
+        finally:
+            valid = self._release(leases) if leases else []
+        # only bytes read under a lease that was still valid when released are a hit
+        good = {lease for lease, ok in zip(leases, valid, strict=True) if ok}
+        for i, dest, lease in taken:
+            if lease in good:
+                results[i] = dest
+        if too_small is not None:
+            raise too_small
+
+    def _release(self, leases: list[int]) -> list[bool]:
+        op = self.base + RELEASE
+        rid = self._request(op, ReleaseRequest(leases=leases))
+        _, reply = self._reply(rid, op)
+        if len(reply.valid) != len(leases):
+            raise ProtocolError(f"{self.address}: RELEASE reply does not match the request")
+        return list(reply.valid)
+
+    # -- puts --------------------------------------------------------------------------------------
+    def put_many(self, items: Sequence[PutSpec], timeout: float) -> list[KVStrataError | None]:
+        """Lease staging slots, copy into them out of band, commit; what gets no slot goes over tcp."""
+        results: list[KVStrataError | None] = [None] * len(items)
+        pending = list(range(len(items)))
+        while pending:
+            batch = pending[: p.MAX_KEYS]
+            left = self._call(timeout, self._put_leased, items, batch, results)
+            if len(left) == len(batch):
+                break  # no staging slot free at all: the rest goes over the control connection
+            pending = left + pending[len(batch) :]
+        if pending:
+            sent = super().put_many([items[i] for i in pending], timeout)
+            for i, err in zip(pending, sent, strict=True):
+                results[i] = err
+        return results
+
+    def _put_leased(
+        self, items: Sequence[PutSpec], batch: list[int], results: list[KVStrataError | None]
+    ) -> list[int]:
+        begin = self.base + PUT_BEGIN
+        rid = self._request(begin, PutBeginRequest(sizes=[items[i].data.numel() for i in batch]))
+        _, reply = self._reply(rid, begin)
+        if len(reply.leases) != len(batch) or len(reply.positions) != len(batch):
+            raise ProtocolError(f"{self.address}: PUT_BEGIN reply does not match the request")
+        left: list[int] = []
+        granted: list[int] = []
+        spans: list[tuple[int, torch.Tensor]] = []
+        commits: list[PutCommitItem] = []
+        for i, lease, position in zip(batch, reply.leases, reply.positions, strict=True):
+            if lease <= 0 or position < 0:
+                left.append(i)
+                continue
+            item = items[i]
+            data = item.data.reshape(-1).view(torch.uint8)
+            granted.append(i)
+            spans.append((position, data))
+            commits.append(PutCommitItem(lease=lease, key=item.key, size=data.numel(), meta=_wire_meta(item)))
+        if not commits:
+            return left
+        self._write_many(spans)
+        commit = self.base + PUT_COMMIT
+        rid = self._request(commit, PutCommitRequest(items=commits))
+        _, done = self._reply(rid, commit)
+        if len(done.results) != len(commits):
+            raise ProtocolError(f"{self.address}: PUT_COMMIT reply does not match the request")
+        for i, code in zip(granted, done.results, strict=True):
+            results[i] = p.error_for(p.ErrorReply(code=code, message=f"put of item {i}")) if code else None
+        return left

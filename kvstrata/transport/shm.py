@@ -1,0 +1,312 @@
+"""The shm transport (``kvs+shm://``): same-host clients copy straight out of the server's host pool.
+
+The server's host tier is carved from one POSIX shared-memory segment (``/dev/shm``, created ``0600`` by the
+server's user, followed by a few staging slots). A local client connects over the usual kvs control
+connection (HELLO, auth), then asks for the segment's name with ``SHM_ATTACH`` — the name is never in the
+pre-auth greeting — and maps it. Gets and puts then follow :mod:`kvstrata.transport.lease`: the server pins
+the chunk and returns its offset, the client ``copy_``s between its tensor and the mapping and releases the
+lease; a put is written into a leased staging slot and committed (one server-side copy into the pool,
+because the host tier has no reserve-then-commit call).
+
+Opcodes (see ``docs/protocol.md``, "shm"): ``0x40`` SHM_ATTACH, ``0x41`` LEASE_GET, ``0x42`` RELEASE,
+``0x43`` PUT_BEGIN, ``0x44`` PUT_COMMIT.
+
+Trust model: every process of the server's user that knows the token can map the segment read-write; the
+0600 mode keeps other users out. Leases protect readers from slot reuse, not from a hostile local writer.
+A server killed with SIGKILL cannot unlink its segment; the next server started by the same user removes
+segments whose owning process is gone.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import re
+import secrets
+import stat
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import msgspec
+import torch
+
+from kvstrata.errors import ConfigError, ConnectError, ProtocolError, RemoteError
+from kvstrata.transport import lease as ls
+from kvstrata.transport import protocol as p
+from kvstrata.transport.base import ServerExtension
+from kvstrata.transport.protocol import Header
+
+__all__ = ["SHM_BASE", "SharedSegment", "ShmAttachReply", "ShmServerExtension", "ShmTransport"]
+
+log = logging.getLogger(__name__)
+
+SHM_BASE = 0x40
+#: Staging slots in the segment (puts, and gets of chunks held outside the host pool).
+STAGING_SLOTS = 32
+SHM_DIR = "/dev/shm"  # noqa: S108 - the POSIX shared-memory mount, not a temporary file
+_PREFIX = "kvstrata-shm-"
+_NAME = re.compile(r"^kvstrata-shm-(\d+)-[0-9a-f]{16}$")
+
+
+class ShmAttachRequest(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """SHM_ATTACH: no fields."""
+
+
+class ShmAttachReply(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """SHM_ATTACH reply: the segment to map, its size, and where the host pool ends inside it."""
+
+    segment: p.ShortText
+    size: p.Size
+    pool_bytes: p.Size = 0
+
+
+p.register_meta(SHM_BASE + ls.ATTACH, ShmAttachRequest, ShmAttachReply)
+ls.register_lease_ops(SHM_BASE)
+
+
+class SharedSegment:
+    """A POSIX shared-memory segment under ``/dev/shm``, mapped, viewed as a flat ``uint8`` tensor."""
+
+    def __init__(self, name: str, size: int, mapping: mmap.mmap, *, owner: bool) -> None:
+        self.name = name
+        self.size = size
+        self._mmap: mmap.mmap | None = mapping
+        self.owner = owner
+        self.tensor = (
+            torch.frombuffer(mapping, dtype=torch.uint8) if size else torch.empty(0, dtype=torch.uint8)
+        )
+
+    @classmethod
+    def create(cls, size: int) -> SharedSegment:
+        """Create a new segment of ``size`` bytes, mode 0600 (pages are committed as they are touched)."""
+        if not os.path.isdir(SHM_DIR):
+            raise ConfigError(f"the shm transport needs POSIX shared memory at {SHM_DIR}")
+        sweep_stale_segments()
+        name = f"{_PREFIX}{os.getpid()}-{secrets.token_hex(8)}"
+        path = os.path.join(SHM_DIR, name)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        try:
+            os.fchmod(fd, 0o600)
+            os.ftruncate(fd, size)
+            mapping = mmap.mmap(fd, size)
+        except BaseException:
+            os.unlink(path)
+            raise
+        finally:
+            os.close(fd)
+        return cls(name, size, mapping, owner=True)
+
+    @classmethod
+    def open(cls, name: str, size: int) -> SharedSegment:
+        """Map an existing segment; checks its name, size, owner and mode first."""
+        if not _NAME.match(name):
+            raise ProtocolError(f"bad shared-memory segment name {name!r}")
+        path = os.path.join(SHM_DIR, name)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
+        except OSError as exc:
+            raise ConnectError(
+                f"cannot open the server's shared memory {path} ({exc}); kvs+shm:// needs a server on this "
+                "host run by the same user"
+            ) from exc
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_size != size:
+                raise ProtocolError(f"shared memory {name}: {st.st_size} bytes, the server said {size}")
+            if st.st_uid != os.getuid() or st.st_mode & 0o077:
+                raise ConnectError(f"shared memory {name} is not private to this user; refusing to map it")
+            mapping = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        return cls(name, size, mapping, owner=False)
+
+    def close(self) -> None:
+        """Drop this process's mapping (lazily, once no tensor refers to it); the owner unlinks the name."""
+        if self.owner:
+            try:
+                os.unlink(os.path.join(SHM_DIR, self.name))
+            except FileNotFoundError:
+                pass
+            self.owner = False
+        self.tensor = torch.empty(0, dtype=torch.uint8)
+        mapping, self._mmap = self._mmap, None
+        if mapping is not None:
+            try:
+                mapping.close()
+            except BufferError:
+                pass  # views still exported (a caller holds a tensor): unmapped when they are freed
+
+
+def sweep_stale_segments() -> int:
+    """Unlink this user's kvstrata segments whose creating process is gone (left by a SIGKILL)."""
+    removed = 0
+    try:
+        names = os.listdir(SHM_DIR)
+    except OSError:
+        return 0
+    for name in names:
+        match = _NAME.match(name)
+        if match is None:
+            continue
+        pid = int(match.group(1))
+        path = os.path.join(SHM_DIR, name)
+        try:
+            if os.stat(path).st_uid != os.getuid():
+                continue
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            try:
+                os.unlink(path)
+                removed += 1
+            except OSError:
+                pass
+        except OSError:
+            continue
+    if removed:
+        log.info("removed %d shared-memory segments left by dead servers", removed)
+    return removed
+
+
+def _slot_bytes(config: Any) -> int:
+    store = getattr(config, "store", None)
+    slot = getattr(store, "slot_bytes", None) or getattr(config, "slot_bytes", None)
+    return int(slot) if slot else 8 * 1024**2
+
+
+class ShmServerExtension(ServerExtension):
+    """The shm transport's server side: the host pool in a shared segment, leases over the control port."""
+
+    name = "shm"
+
+    def __init__(
+        self, config: Any, *, staging_slots: int = STAGING_SLOTS, lease_ttl_s: float | None = None
+    ) -> None:
+        super().__init__(config)
+        self.slot_bytes = _slot_bytes(config)
+        self.staging_slots = max(1, staging_slots)
+        self.lease_ttl_s = lease_ttl_s if lease_ttl_s is not None else ls.DEFAULT_LEASE_TTL_S
+        self.segment: SharedSegment | None = None
+        self.pool_bytes = 0
+        self.leases: ls.LeaseServer | None = None
+        self._handlers: dict[int, Any] = {}
+
+    def host_buffer(self, capacity_bytes: int) -> torch.Tensor | None:
+        """Create the segment (host pool + staging) and hand the pool part to the host tier."""
+        self.pool_bytes = capacity_bytes
+        self.segment = SharedSegment.create(capacity_bytes + self.staging_slots * self.slot_bytes)
+        log.info("shm: host pool in shared memory %s (%d bytes)", self.segment.name, self.segment.size)
+        return self.segment.tensor[:capacity_bytes]
+
+    def attach(self, store: Any) -> None:
+        """Set up staging and leases; without a pool in the segment every get goes through staging."""
+        if self.segment is None:
+            self.pool_bytes = 0
+            self.segment = SharedSegment.create(self.staging_slots * self.slot_bytes)
+        host = store.tier("host") if hasattr(store, "tier") else None
+        buffer = getattr(host, "buffer", None)
+        if buffer is None or self._offset(buffer) is None:
+            log.warning("shm: the host tier is not in shared memory; gets are staged (one extra copy)")
+            self.pool_bytes = 0
+        seg = self.segment
+        staging = ls.StagingPool(seg.tensor[self.pool_bytes :], self.slot_bytes)
+        self.leases = ls.LeaseServer(
+            SHM_BASE,
+            staging,
+            self._offset,
+            lambda slot: self.pool_bytes + slot * self.slot_bytes,
+            lease_ttl_s=self.lease_ttl_s,
+        )
+        self._handlers = dict(self.leases.handlers())
+
+    def _offset(self, data: torch.Tensor) -> int | None:
+        """Offset of ``data`` in the segment when it lies inside the host pool part, else ``None``."""
+        if self.segment is None or data.device.type != "cpu":
+            return None
+        base = self.segment.tensor.data_ptr()
+        ptr = data.data_ptr()
+        end = ptr + data.numel() * data.element_size()
+        limit = base + (self.pool_bytes or self.segment.size)
+        return ptr - base if base <= ptr and end <= limit else None
+
+    def handlers(self) -> Mapping[int, Any]:
+        """SHM_ATTACH and the four lease operations."""
+
+        async def on_attach(conn: Any, header: Header, meta: Any) -> None:
+            if self.segment is None:
+                raise RemoteError("shm transport not attached to a store", "unsupported")
+            reply = ShmAttachReply(
+                segment=self.segment.name, size=self.segment.size, pool_bytes=self.pool_bytes
+            )
+            await conn.reply(SHM_BASE + ls.ATTACH, header.request_id, reply)
+
+        def lease_op(offset: int) -> Any:
+            async def handler(conn: Any, header: Header, meta: Any) -> None:
+                target = self._handlers.get(SHM_BASE + offset)
+                if target is None:
+                    raise RemoteError("shm transport not attached to a store", "unsupported")
+                await target(conn, header, meta)
+
+            return handler
+
+        out: dict[int, Any] = {SHM_BASE + ls.ATTACH: on_attach}
+        for offset in (ls.GET, ls.RELEASE, ls.PUT_BEGIN, ls.PUT_COMMIT):
+            out[SHM_BASE + offset] = lease_op(offset)
+        return out
+
+    def connection_closed(self, connection: Any) -> None:
+        """End the connection's leases."""
+        if self.leases is not None:
+            self.leases.owner_closed(id(connection))
+
+    def close(self) -> None:
+        """End every lease and unlink the segment."""
+        if self.leases is not None:
+            self.leases.close()
+        if self.segment is not None:
+            self.segment.close()
+
+
+class ShmTransport(ls.LeaseTransport):
+    """``kvs+shm://host:port``: the kvs control connection plus the server's mapped host pool."""
+
+    scheme = "kvs+shm"
+    name = "shm"
+    base = SHM_BASE
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.segment: SharedSegment | None = None
+
+    def _attach(self) -> None:
+        op = SHM_BASE + ls.ATTACH
+        rid = self._request(op, ShmAttachRequest())
+        _, reply = self._reply(rid, op)
+        if reply.pool_bytes > reply.size:
+            raise ProtocolError(f"{self.address}: SHM_ATTACH reply is inconsistent")
+        self.segment = SharedSegment.open(reply.segment, reply.size)
+
+    def _span(self, position: int, nbytes: int) -> torch.Tensor:
+        seg = self.segment
+        if seg is None:
+            raise ConnectError(f"{self.address}: shared memory not mapped")
+        if position < 0 or position + nbytes > seg.size:
+            raise ProtocolError(
+                f"{self.address}: span {position}+{nbytes} outside the {seg.size}-byte segment"
+            )
+        return seg.tensor.narrow(0, position, nbytes)
+
+    def _read_many(self, spans: Sequence[tuple[int, torch.Tensor]]) -> None:
+        for position, dest in spans:
+            dest.copy_(self._span(position, dest.numel()))
+
+    def _write_many(self, spans: Sequence[tuple[int, torch.Tensor]]) -> None:
+        for position, src in spans:
+            self._span(position, src.numel()).copy_(src)
+
+    def close(self) -> None:
+        """Close the control connection and unmap the segment."""
+        super().close()
+        seg, self.segment = self.segment, None
+        if seg is not None:
+            seg.close()
