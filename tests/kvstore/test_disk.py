@@ -149,6 +149,22 @@ def test_flipped_payload_byte_is_a_counted_miss(tier_dir: Path, where: str) -> N
     tier.close()
 
 
+def test_corruption_is_caught_when_read_in_pieces(tier_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(disk, "_READ_PIECE", 4096)  # chunks larger than a piece are read piece by piece
+    tier = DiskTier(tier_dir, 16 * CHUNK)
+    keys = fill(tier, 3)
+    got = tier.get(keys[2])
+    assert got is not None and torch.equal(got, pattern(keys[2], CHUNK))
+    paths = [tier.path_of(k) for k in keys]
+    assert paths[0] is not None and paths[1] is not None
+    flip(paths[0], HEADER_ALIGN + CHUNK - 4096 - 1)  # the last byte of the second-to-last piece
+    os.truncate(paths[1], HEADER_ALIGN + CHUNK - 4096)  # the last piece is missing
+    assert tier.get(keys[0]) is None
+    assert tier.get(keys[1]) is None
+    assert tier.stats.errors == 2 and len(tier) == 1
+    tier.close()
+
+
 def test_corrupt_chunk_through_acquire_is_a_miss(tier_dir: Path) -> None:
     tier = DiskTier(tier_dir, 16 * CHUNK)
     keys = fill(tier, 1)
