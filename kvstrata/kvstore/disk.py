@@ -470,7 +470,8 @@ class DiskTier(Tier):
                 else:
                     done += os.write(fd, payload[done - len(header) :])
             if self._fsync:
-                os.fsync(fd)
+                # Data and the size/allocation metadata needed to read it back; mtime need not be durable.
+                os.fdatasync(fd)
         finally:
             os.close(fd)
 
