@@ -12,9 +12,9 @@
 Keys are spread over several servers by rendezvous hashing (``Client([url1, url2])``). Each server has a
 small pool of connections; a connection that fails is dropped and the call is retried once on a fresh
 one (so a restarted server is picked up at once); a server that cannot be reached is marked down and
-retried with exponential back-off (``retry_backoff_s``, doubling up to 30 s). While a server is down,
-with several servers its keys go to the next server in rendezvous order, and gets of keys it owned are
-misses; with a single server the call raises :class:`ConnectError`.
+retried with exponential back-off (``retry_backoff_s``, doubling up to ``max_backoff``, 30 s). While a
+server is down, with several servers its keys go to the next server in rendezvous order, and gets of keys
+it owned are misses; with a single server the call raises :class:`ConnectError`.
 
 Every call takes an optional ``timeout`` (seconds; default: the client's). Errors are those of
 :mod:`kvstrata.errors`; OS errors are translated with ``raise ... from exc``.
@@ -86,8 +86,16 @@ def _out_bytes(out: BufferLike | None) -> torch.Tensor | None:
 class _Server:
     """One server: its pool of idle connections and its up/down state."""
 
-    def __init__(self, address: ServerAddress, options: TransportOptions, pool_size: int, backoff: float):
+    def __init__(
+        self,
+        address: ServerAddress,
+        options: TransportOptions,
+        pool_size: int,
+        backoff: float,
+        max_backoff: float = _MAX_BACKOFF_S,
+    ):
         self.address = address
+        self.max_backoff = max_backoff
         self.options = options
         self.pool_size = pool_size
         self.first_backoff = backoff
@@ -106,7 +114,7 @@ class _Server:
     def mark_down(self) -> None:
         with self._lock:
             self.down_until = time.monotonic() + self.backoff
-            self.backoff = min(self.backoff * 2, _MAX_BACKOFF_S)
+            self.backoff = min(self.backoff * 2, self.max_backoff)
             idle, self._idle = self._idle, []
         for transport in idle:
             transport.close()
@@ -185,6 +193,7 @@ class Client:
         connect_timeout: float | None = None,
         pool_size: int | None = None,
         retry_backoff: float | None = None,
+        max_backoff: float = _MAX_BACKOFF_S,
         checksum: bool = True,
         config: ClientConfig | None = None,
     ) -> None:
@@ -207,7 +216,7 @@ class Client:
         addresses = [parse_url(u) for u in urls]
         if len({a.url for a in addresses}) != len(addresses):
             raise InvalidArgumentError("duplicate server URLs")
-        self._servers = [_Server(a, options, max(1, size), backoff) for a in addresses]
+        self._servers = [_Server(a, options, max(1, size), backoff, max_backoff) for a in addresses]
         self._closed = False
 
     # -- plumbing --------------------------------------------------------------------------------------

@@ -69,7 +69,6 @@ def serve(
     from kvstrata.cli import setup_logging
     from kvstrata.config import load_config
     from kvstrata.errors import KVStrataError
-    from kvstrata.server.daemon import run_daemon
     from kvstrata.units import parse_size
 
     try:
@@ -100,6 +99,8 @@ def serve(
                 err=True,
             )
             raise typer.Exit(2)
+        from kvstrata.server.daemon import run_daemon
+
         run_daemon(cfg, token)
     except KVStrataError as exc:
         typer.echo(f"kvstrata serve: {exc}", err=True)

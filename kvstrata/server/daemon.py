@@ -101,6 +101,8 @@ class _AdminServer:
     """uvicorn in our event loop, without uvicorn's own signal handling (ours drives the shutdown)."""
 
     def __init__(self, app: Any, host: str, port: int) -> None:
+        import socket
+
         import uvicorn
 
         class Server(uvicorn.Server):
@@ -108,17 +110,24 @@ class _AdminServer:
             def capture_signals(self) -> Iterator[None]:
                 yield
 
-        self.server = Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off"))
+        # Bind here, so that port 0 works and the real port can be logged.
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, port))
+        self.port = self.sock.getsockname()[1]
+        self.server = Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
         self.task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        self.task = asyncio.get_running_loop().create_task(self.server.serve())
+        self.task = asyncio.get_running_loop().create_task(self.server.serve(sockets=[self.sock]))
 
     async def stop(self) -> None:
         self.server.should_exit = True
         if self.task is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.task, 5.0)
+        self.sock.close()
 
 
 async def _main(config: KVStrataConfig, token: bytes | None) -> None:
@@ -171,7 +180,7 @@ async def _main(config: KVStrataConfig, token: bytes | None) -> None:
             log.info(
                 "admin HTTP listening on http://%s:%d (/healthz /readyz /metrics /v1/stats /v1/lookup)",
                 srv.host,
-                srv.admin_port,
+                admin.port,
             )
         await stop.wait()
         log.info("shutting down: finishing in-flight requests")

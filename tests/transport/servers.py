@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from typing import Any
 from kvstrata.kvstore.host import HostTier
 from kvstrata.kvstore.store import Store
 from kvstrata.server.app import CacheServer
-from tests.conftest import free_port, wait_for_port
+from tests.conftest import free_port
 
 
 class InProcessServer:
@@ -79,7 +80,7 @@ class ServeProcess:
     def __init__(
         self, tmp: Path, *extra: str, port: int | None = None, env: dict[str, str] | None = None
     ) -> None:
-        self.port = port or free_port()
+        self.port = port or 0  # 0: the server picks a free port and logs it
         self.admin_port = free_port()
         self.tmp = tmp
         self.extra = list(extra)
@@ -111,14 +112,23 @@ class ServeProcess:
         ]
 
     def start(self, wait: bool = True) -> ServeProcess:
+        offset = self.log.stat().st_size if self.log.exists() else 0
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(self.args(), stdout=log, stderr=subprocess.STDOUT, env=self.env)
         if wait:
-            try:
-                wait_for_port(self.port, timeout=30)
-            except TimeoutError:
-                self.kill()
-                raise RuntimeError(f"kvstrata serve did not start:\n{self.log.read_text()}") from None
+            pattern = re.compile(r"data port listening on kvs://[^:]+:(\d+)")
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                text = self.log.read_bytes()[offset:].decode(errors="replace")
+                match = pattern.search(text)
+                if match:
+                    self.port = int(match.group(1))
+                    return self
+                if self.proc.poll() is not None:
+                    break
+                time.sleep(0.05)
+            self.kill()
+            raise RuntimeError(f"kvstrata serve did not start:\n{self.output()}")
         return self
 
     def kill(self) -> None:
@@ -153,7 +163,4 @@ def wait_until(predicate: Any, timeout: float = 10.0, interval: float = 0.02) ->
 
 
 def serve_many(tmp: Path, count: int, *extra: str) -> Sequence[ServeProcess]:
-    procs = [ServeProcess(tmp, *extra).start(wait=False) for _ in range(count)]
-    for proc in procs:
-        wait_for_port(proc.port, timeout=30)
-    return procs
+    return [ServeProcess(tmp, *extra).start() for _ in range(count)]
