@@ -38,134 +38,142 @@ def bench_host() -> None:
     total = int(os.environ.get("KVSTRATA_BENCH_HOST_BYTES", 128 * 1024**2))
     rounds = int(os.environ.get("KVSTRATA_BENCH_ROUNDS", 7))
     mib = 1024**2
+    # One intra-op thread for both sides (KVSTRATA_BENCH_COPY_THREADS to change it): a tier's copy runs on
+    # its caller's thread, many callers at once; torch's parallel copy_ on a small shared machine measures
+    # OpenMP scheduling noise (ratios swing 0.5-1.4 between runs) rather than the tier.
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(int(os.environ.get("KVSTRATA_BENCH_COPY_THREADS", 1)))
+    try:
 
-    def timed(fn: object) -> float:
-        start = time.perf_counter()
-        fn()  # type: ignore[operator]
-        return time.perf_counter() - start
+        def timed(fn: object) -> float:
+            start = time.perf_counter()
+            fn()  # type: ignore[operator]
+            return time.perf_counter() - start
 
-    def host_case(chunk: int) -> None:
-        n = max(4, total // chunk)
-        log(f"host tier: {n} chunks of {chunk // mib} MiB")
-        keys = [i.to_bytes(16, "little") for i in range(n)]
-        srcs = [torch.randint(0, 256, (chunk,), dtype=torch.uint8) for _ in range(n)]
-        outs = [torch.empty(chunk, dtype=torch.uint8) for _ in range(n)]
-        dsts = [torch.empty(chunk, dtype=torch.uint8) for _ in range(n)]  # the ceiling's destination
-        for t in outs + dsts:
-            t.fill_(0)  # fault the pages in: both sides copy into warm memory
-        # One spare slot: a put that replaces a present key takes a free slot before releasing the old one.
-        tier = HostTier((n + 1) * chunk, chunk)
-        tier.buffer.fill_(0)
-        nbytes = n * chunk
+        def host_case(chunk: int) -> None:
+            n = max(4, total // chunk)
+            log(f"host tier: {n} chunks of {chunk // mib} MiB")
+            keys = [i.to_bytes(16, "little") for i in range(n)]
+            srcs = [torch.randint(0, 256, (chunk,), dtype=torch.uint8) for _ in range(n)]
+            outs = [torch.empty(chunk, dtype=torch.uint8) for _ in range(n)]
+            dsts = [torch.empty(chunk, dtype=torch.uint8) for _ in range(n)]  # the ceiling's destination
+            for t in outs + dsts:
+                t.fill_(0)  # fault the pages in: both sides copy into warm memory
+            # One spare slot: a put replacing a present key takes a free slot before releasing the old one.
+            tier = HostTier((n + 1) * chunk, chunk)
+            tier.buffer.fill_(0)
+            nbytes = n * chunk
 
-        def put_all() -> None:
+            def put_all() -> None:
+                for key, src in zip(keys, srcs, strict=True):
+                    tier.put(key, src)
+
+            def get_all() -> None:
+                for key, out in zip(keys, outs, strict=True):
+                    tier.get(key, out=out)
+
+            def copy_in() -> None:
+                for dst, src in zip(dsts, srcs, strict=True):
+                    dst.copy_(src)
+
+            def copy_out() -> None:
+                for out, dst in zip(outs, dsts, strict=True):
+                    out.copy_(dst)
+
+            put_all()
+            get_all()
+            same = all(torch.equal(o, s) for o, s in zip(outs, srcs, strict=True))
+            assert same, "the host tier returned wrong bytes"
+            times: dict[str, list[float]] = {"put": [], "put_ceiling": [], "get": [], "get_ceiling": []}
+            for _ in range(rounds):
+                times["put"].append(timed(put_all))
+                times["put_ceiling"].append(timed(copy_in))
+                times["get"].append(timed(get_all))
+                times["get_ceiling"].append(timed(copy_out))
+            med = {k: statistics.median(v) for k, v in times.items()}
+            for op in ("put", "get"):
+                emit(
+                    "store",
+                    f"host_{op}_{chunk // mib}MiB",
+                    gib_per_s(nbytes, med[op]),
+                    "GiB/s",
+                    gib_per_s(nbytes, med[f"{op}_ceiling"]),
+                    chunks=n,
+                )
+            tier.close()
+
+        for chunk_bytes in (1 * mib, 2 * mib, 4 * mib):
+            host_case(chunk_bytes)
+
+        # Store.get of chunks found only on disk, promoted into the host tier on the way.
+        try:
+            from kvstrata.kvstore.disk import DiskTier
+        except ImportError:
+            log("no disk tier: store_get_from_disk skipped")
+            return
+        from kvstrata.kvstore.store import Store
+
+        chunk = 2 * mib
+        n = max(4, min(total, 64 * mib) // chunk)
+        root = tempfile.mkdtemp(prefix="kvstrata-bench-store-", dir=os.environ.get("KVSTRATA_BENCH_DIR"))
+        try:
+            host = HostTier((n + 1) * chunk, chunk)
+            host.buffer.fill_(0)
+            disk = DiskTier(os.path.join(root, "tier"), 4 * n * chunk)
+            store = Store([host, disk], high_watermark=1.0, low_watermark=1.0)
+            keys = [(10_000 + i).to_bytes(16, "little") for i in range(n)]
+            srcs = [torch.randint(0, 256, (chunk,), dtype=torch.uint8) for _ in range(n)]
+            outs = [torch.zeros(chunk, dtype=torch.uint8) for _ in range(n)]
+            plain = os.path.join(root, "plain")
+            os.mkdir(plain)
+            paths = []
             for key, src in zip(keys, srcs, strict=True):
-                tier.put(key, src)
+                disk.put(key, src)
+                path = os.path.join(plain, key.hex())
+                with open(path, "wb") as f:
+                    f.write(src.numpy().data)
+                paths.append(path)
 
-        def get_all() -> None:
-            for key, out in zip(keys, outs, strict=True):
-                tier.get(key, out=out)
+            def store_get() -> None:
+                for key, out in zip(keys, outs, strict=True):
+                    store.get(key, out=out)
 
-        def copy_in() -> None:
-            for dst, src in zip(dsts, srcs, strict=True):
-                dst.copy_(src)
+            def plain_read() -> None:
+                for path, out in zip(paths, outs, strict=True):
+                    fd = os.open(path, os.O_RDONLY)
+                    try:
+                        os.preadv(fd, [out.numpy().data], 0)
+                    finally:
+                        os.close(fd)
 
-        def copy_out() -> None:
-            for out, dst in zip(outs, dsts, strict=True):
-                out.copy_(dst)
+            def evict_host() -> None:
+                for key in keys:
+                    host.remove(key)
 
-        put_all()
-        get_all()
-        same = all(torch.equal(o, s) for o, s in zip(outs, srcs, strict=True))
-        assert same, "the host tier returned wrong bytes"
-        times: dict[str, list[float]] = {"put": [], "put_ceiling": [], "get": [], "get_ceiling": []}
-        for _ in range(rounds):
-            times["put"].append(timed(put_all))
-            times["put_ceiling"].append(timed(copy_in))
-            times["get"].append(timed(get_all))
-            times["get_ceiling"].append(timed(copy_out))
-        med = {k: statistics.median(v) for k, v in times.items()}
-        for op in ("put", "get"):
+            store_get()
+            same = all(torch.equal(o, s) for o, s in zip(outs, srcs, strict=True))
+            assert same, "the store returned wrong bytes"
+            assert all(host.contains(k) for k in keys), "the disk hits were promoted"
+            got: list[float] = []
+            ceiling: list[float] = []
+            for _ in range(rounds):
+                evict_host()
+                got.append(timed(store_get))
+                ceiling.append(timed(plain_read))
             emit(
                 "store",
-                f"host_{op}_{chunk // mib}MiB",
-                gib_per_s(nbytes, med[op]),
+                "store_get_from_disk_2MiB",
+                gib_per_s(n * chunk, statistics.median(got)),
                 "GiB/s",
-                gib_per_s(nbytes, med[f"{op}_ceiling"]),
+                gib_per_s(n * chunk, statistics.median(ceiling)),
                 chunks=n,
+                note="includes promotion into the host tier; ceiling: plain preadv, page cache warm",
             )
-        tier.close()
-
-    for chunk_bytes in (1 * mib, 2 * mib, 4 * mib):
-        host_case(chunk_bytes)
-
-    # Store.get of chunks found only on disk, promoted into the host tier on the way.
-    try:
-        from kvstrata.kvstore.disk import DiskTier
-    except ImportError:
-        log("no disk tier: store_get_from_disk skipped")
-        return
-    from kvstrata.kvstore.store import Store
-
-    chunk = 2 * mib
-    n = max(4, min(total, 64 * mib) // chunk)
-    root = tempfile.mkdtemp(prefix="kvstrata-bench-store-", dir=os.environ.get("KVSTRATA_BENCH_DIR"))
-    try:
-        host = HostTier((n + 1) * chunk, chunk)
-        host.buffer.fill_(0)
-        disk = DiskTier(os.path.join(root, "tier"), 4 * n * chunk)
-        store = Store([host, disk], high_watermark=1.0, low_watermark=1.0)
-        keys = [(10_000 + i).to_bytes(16, "little") for i in range(n)]
-        srcs = [torch.randint(0, 256, (chunk,), dtype=torch.uint8) for _ in range(n)]
-        outs = [torch.zeros(chunk, dtype=torch.uint8) for _ in range(n)]
-        plain = os.path.join(root, "plain")
-        os.mkdir(plain)
-        paths = []
-        for key, src in zip(keys, srcs, strict=True):
-            disk.put(key, src)
-            path = os.path.join(plain, key.hex())
-            with open(path, "wb") as f:
-                f.write(memoryview(src.numpy()))
-            paths.append(path)
-
-        def store_get() -> None:
-            for key, out in zip(keys, outs, strict=True):
-                store.get(key, out=out)
-
-        def plain_read() -> None:
-            for path, out in zip(paths, outs, strict=True):
-                fd = os.open(path, os.O_RDONLY)
-                try:
-                    os.preadv(fd, [memoryview(out.numpy())], 0)
-                finally:
-                    os.close(fd)
-
-        def evict_host() -> None:
-            for key in keys:
-                host.remove(key)
-
-        store_get()
-        same = all(torch.equal(o, s) for o, s in zip(outs, srcs, strict=True))
-        assert same, "the store returned wrong bytes"
-        assert all(host.contains(k) for k in keys), "the disk hits were promoted"
-        got: list[float] = []
-        ceiling: list[float] = []
-        for _ in range(rounds):
-            evict_host()
-            got.append(timed(store_get))
-            ceiling.append(timed(plain_read))
-        emit(
-            "store",
-            "store_get_from_disk_2MiB",
-            gib_per_s(n * chunk, statistics.median(got)),
-            "GiB/s",
-            gib_per_s(n * chunk, statistics.median(ceiling)),
-            chunks=n,
-            note="includes promotion into the host tier; ceiling: plain preadv, page cache warm",
-        )
-        store.close()
+            store.close()
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
     finally:
-        shutil.rmtree(root, ignore_errors=True)
+        torch.set_num_threads(threads_before)
 
 
 def bench_disk() -> None:

@@ -34,6 +34,18 @@ from kvstrata.kvstore.tier import (
 __all__ = ["PooledTier"]
 
 
+def _as_bytes(data: BufferLike) -> torch.Tensor:
+    # The hot path's common case, a flat uint8 tensor, needs no new view object.
+    if (
+        isinstance(data, torch.Tensor)
+        and data.dtype == torch.uint8
+        and data.dim() == 1
+        and data.is_contiguous()
+    ):
+        return data
+    return as_byte_tensor(data)
+
+
 class _Entry:
     __slots__ = ("dead", "length", "meta", "pins", "slot")
 
@@ -97,7 +109,7 @@ class PooledTier(Tier):
     def put(self, key: bytes, data: BufferLike, meta: ChunkMeta = EMPTY_META, *, evict: bool = True) -> None:
         """Copy ``data`` into a slot (see :meth:`Tier.put`)."""
         key = check_key(key)
-        src = as_byte_tensor(data)
+        src = _as_bytes(data)
         length = src.numel()
         if length > self._pool.slot_bytes:
             raise ChunkTooLargeError(
@@ -130,7 +142,8 @@ class PooledTier(Tier):
             self._policy.insert(key, length)
             self._count("puts")
             self._count("bytes_written", length)
-        self._emit_stored([key], [meta])
+        if self._listeners:  # skip building the event when nobody listens (a read of a list is atomic)
+            self._emit_stored([key], [meta])
 
     def _pin(self, key: bytes, count: bool = True) -> _Entry | None:
         with self._lock:
@@ -152,7 +165,7 @@ class PooledTier(Tier):
         key = check_key(key)
         dst: torch.Tensor | None = None
         if out is not None:
-            dst = as_byte_tensor(out)
+            dst = _as_bytes(out)
         entry = self._pin(key)
         if entry is None:
             return None
@@ -163,7 +176,7 @@ class PooledTier(Tier):
             try:
                 if dst is None:
                     return src.clone()
-                result = dst[: entry.length]
+                result = dst if dst.numel() == entry.length else dst[: entry.length]
                 result.copy_(src)
                 return result
             except Exception as exc:

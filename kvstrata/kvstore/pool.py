@@ -72,6 +72,7 @@ class SlotPool:
         self._pin = pin_memory and self.device.type == "cpu" and torch.cuda.is_available()
         self._segment_slots = max(1, PIN_SEGMENT_BYTES // slot_bytes)
         self._pinned_segments: list[int] = []
+        self._views: dict[int, torch.Tensor] = {}
 
     @property
     def free_slots(self) -> int:
@@ -110,6 +111,12 @@ class SlotPool:
 
     def view(self, slot: int, nbytes: int) -> torch.Tensor:
         """The first ``nbytes`` of ``slot`` as a 1-D ``uint8`` view (no copy)."""
+        if nbytes == self.slot_bytes:
+            # Whole-slot views (the common case: slot size == chunk size) are made once and reused.
+            view = self._views.get(slot)
+            if view is None:
+                view = self._views[slot] = self.buffer.narrow(0, slot * self.slot_bytes, nbytes)
+            return view
         return self.buffer.narrow(0, slot * self.slot_bytes, nbytes)
 
     def _pin_segment(self, first_slot: int) -> None:
@@ -139,5 +146,6 @@ class SlotPool:
                 log.warning("host pool: unpinning failed: %s", exc)
             self._pinned_segments.clear()
         self._free.clear()
+        self._views.clear()
         self._fresh = self.num_slots
         self.buffer = torch.empty(0, dtype=torch.uint8, device=self.device)
