@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from kvstrata.errors import InvalidArgumentError, KernelError
+from kvstrata.errors import InvalidArgumentError, KernelError, KVStrataError
 from kvstrata.kernels import reference
 from kvstrata.kernels.codec import HEADER_BYTES, ChunkHeader, ChunkSpec
 from kvstrata.kernels.paged import PagedCaches, as_block_ids, describe_caches
@@ -119,14 +119,28 @@ def _run(
     first_layer: int,
     backend: str | None,
 ) -> None:
-    if select_backend(caches.device, backend) == "torch":
+    chosen = select_backend(caches.device, backend)
+    if chosen == "triton" and spec.codec == "fp8" and not _has_fp8(caches.device):
+        if (_default_backend if backend is None else backend) == "triton":
+            raise KernelError("the fp8 Triton kernels need a GPU of compute capability 8.9 or newer")
+        chosen = "torch"
+    if chosen == "torch":
         getattr(reference, op)(caches, ids, spec, chunk, first_layer)
         return
     module = _module("triton_quant" if spec.quantised else "triton_paged")
     try:
         getattr(module, op)(caches, ids, spec, chunk, first_layer)
-    except (RuntimeError, ValueError) as exc:  # triton compile/launch errors
+    except KVStrataError:
+        raise
+    except Exception as exc:  # triton compilation and launch errors have no common base but Exception
         raise KernelError(f"triton {op} failed: {exc}") from exc
+
+
+def _has_fp8(device: torch.device) -> bool:
+    """Whether the e4m3 conversions compile on ``device`` (the interpreter always has them)."""
+    if device.type != "cuda":
+        return True
+    return torch.cuda.get_device_capability(device) >= (8, 9)
 
 
 def chunk_spec(caches: Caches, engine_layout: str, num_blocks: int, codec: str = "none") -> ChunkSpec:
