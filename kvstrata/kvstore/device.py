@@ -48,7 +48,7 @@ class DeviceTier(PooledTier):
         dev = resolve_device(device)
         try:
             pool = SlotPool(capacity_bytes, slot_bytes, device=dev)
-        except (RuntimeError, torch.OutOfMemoryError) as exc:
+        except (RuntimeError, AssertionError) as exc:  # out of memory; a torch built without that device
             raise InvalidArgumentError(f"cannot allocate {capacity_bytes} bytes on {dev}: {exc}") from exc
         self.device = pool.device
         super().__init__(pool, policy=policy)

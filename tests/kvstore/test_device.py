@@ -33,6 +33,12 @@ def test_cpu_device_round_trip_and_views() -> None:
         assert tier.buffer.data_ptr() <= handle.data.data_ptr() < tier.buffer.data_ptr() + tier.capacity_bytes
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without CUDA")
+def test_cuda_without_cuda_is_a_typed_error() -> None:
+    with pytest.raises(InvalidArgumentError):
+        DeviceTier(4 * SLOT, SLOT, device="cuda")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_pool_round_trip_from_and_to_host() -> None:
     tier = DeviceTier(4 * SLOT, SLOT, device="cuda")
