@@ -26,12 +26,15 @@ DTYPE_SIZES: dict[str, int] = {
     "int8": 1,
 }
 
-#: Engine memory layouts of a per-layer paged KV tensor (the names kvstrata.kernels understands):
+#: Engine memory layouts of a per-layer paged KV tensor (the names kvstrata.kernels understands; a chunk's
+#: header stores the index in this tuple, so new names are appended, never inserted; docs/kernels.md):
 #: - ``kv_first_nhd``:  (2, num_blocks, block_size, num_kv_heads, head_size)  (vLLM FlashAttention)
 #: - ``kv_first_hnd``:  (2, num_blocks, num_kv_heads, block_size, head_size)
 #: - ``kv_second_nhd``: (num_blocks, 2, block_size, num_kv_heads, head_size)  (vLLM FlashInfer)
 #: - ``kv_second_hnd``: (num_blocks, 2, num_kv_heads, block_size, head_size)
-#: - ``cpu_packed``:    (num_blocks, num_kv_heads, block_size, 2 * head_size)  (vLLM CPU; opaque blocks)
+#: - ``cpu_packed``:    (num_blocks, num_kv_heads, block_size, 2 * head_size)  (vLLM CPU; opaque blocks:
+#:   K and V are packed inside a block in a dtype-dependent way, so blocks move as bytes and cannot be
+#:   quantised)
 ENGINE_LAYOUTS: tuple[str, ...] = (
     "kv_first_nhd",
     "kv_first_hnd",
