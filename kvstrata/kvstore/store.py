@@ -270,14 +270,15 @@ class Store:
             assert error is not None
             raise error
         lower = range(landed + 1, len(self.tiers))
+        # A lower copy of an older value must not come back once this one is evicted: demotion skips the
+        # copy when a lower tier already holds the key. (With write-through the background copy then
+        # writes the new value down again.)
+        for index in lower:
+            tier = self.tiers[index]
+            if tier.contains(key):
+                tier.remove(key)
         if self.write_through and lower:
             self._submit(_Job("copy_down", key, landed), run_if_full=True)
-        else:
-            # A lower copy of an older value must not come back when this one is evicted.
-            for index in lower:
-                tier = self.tiers[index]
-                if tier.contains(key):
-                    tier.remove(key)
         self._maybe_relieve(landed)
 
     def _store_at(self, index: int, key: bytes, src: torch.Tensor, meta: ChunkMeta) -> None:

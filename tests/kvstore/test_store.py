@@ -16,7 +16,7 @@ from kvstrata.errors import ChunkTooLargeError, InvalidArgumentError, StoreError
 from kvstrata.kvstore.device import DeviceTier
 from kvstrata.kvstore.host import HostTier
 from kvstrata.kvstore.store import PrefixLookup, Store, available_memory_bytes
-from kvstrata.kvstore.tier import ChunkMeta, TierEvent
+from kvstrata.kvstore.tier import ChunkMeta, Tier, TierEvent
 from tests.kvstore.conformance_tier import check_stamped, chunk_key, meta_for, pattern, stamped
 from tests.kvstore.faulty import FaultyTier
 
@@ -388,15 +388,13 @@ def test_from_config_with_disk_and_promotion_from_disk(stores: list[Store], tmp_
     assert store.get_meta(keys[0]) == meta_for(keys[0])
 
 
-def test_thread_safety_hammer(stores: list[Store]) -> None:
-    store = keep(
-        stores,
-        Store(
-            [DeviceTier(3 * SLOT, SLOT, device="cpu"), HostTier(6 * SLOT, SLOT, policy="s3fifo")],
-            demotion_workers=2,
-            demotion_queue=4,
-        ),
-    )
+@pytest.mark.parametrize("with_disk", [False, True])
+def test_thread_safety_hammer(stores: list[Store], tmp_path: Path, with_disk: bool) -> None:
+    tiers: list[Tier] = [DeviceTier(3 * SLOT, SLOT, device="cpu"), HostTier(6 * SLOT, SLOT, policy="s3fifo")]
+    if with_disk:
+        disk = pytest.importorskip("kvstrata.kvstore.disk")
+        tiers.append(disk.DiskTier(tmp_path / "disk", 10 * (SLOT + 8192)))
+    store = keep(stores, Store(tiers, demotion_workers=2, demotion_queue=4, write_through=with_disk))
     keys = [chunk_key(i, b"hammer") for i in range(24)]
     errors: list[BaseException] = []
     deadline = time.monotonic() + 2.0
