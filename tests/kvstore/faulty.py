@@ -233,6 +233,12 @@ class FaultyTier(Tier):
         """Events come from the inner tier."""
         return self.inner.subscribe(listener)
 
+    def __getattr__(self, name: str) -> object:
+        # Extras beyond the contract (get_meta, slot_span, path_of, ...) are the inner tier's, unfaulted.
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
 
 class FaultyTierConformance(TierConformance):
     """The conformance suite on ``FaultyTier(make_inner(...))``, plus tests with faults switched on."""
