@@ -169,9 +169,8 @@ def _event(raw: Any) -> Event | None:
     if kind == "BlockStored":
         tokens = get("token_ids")
         block_size = get("block_size")
-        if not isinstance(tokens, (list, tuple)) or not all(
-            isinstance(t, int) and not isinstance(t, bool) for t in tokens
-        ):
+        # the ids themselves are checked (integers in [0, 2**32)) when they are hashed, in one numpy pass
+        if not isinstance(tokens, (list, tuple)):
             raise ValueError("token_ids is a list of ints")
         if not isinstance(block_size, int) or not 0 < block_size <= _MAX_BLOCK_SIZE:
             raise ValueError("block_size is a positive int")
