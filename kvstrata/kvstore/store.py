@@ -161,8 +161,12 @@ class Store:
             worker.start()
 
     @classmethod
-    def from_config(cls, config: StoreConfig) -> Store:
-        """Build the device, host and disk tiers that ``config`` turns on, top first."""
+    def from_config(cls, config: StoreConfig, *, host_buffer: torch.Tensor | None = None) -> Store:
+        """Build the device, host and disk tiers that ``config`` turns on, top first.
+
+        ``host_buffer`` (optional): a caller-owned 1-D ``uint8`` CPU tensor (e.g. POSIX shared memory for
+        the ``shm`` transport) to carve the host tier's pool from; its size then bounds the host tier.
+        """
         from kvstrata.kvstore.device import DeviceTier, resolve_device
         from kvstrata.kvstore.host import HostTier
 
@@ -178,7 +182,10 @@ class Store:
         host_bytes = config.host_cache_bytes
         if host_bytes == 0:
             host_bytes = int(available_memory_bytes() * config.host_cache_fraction)
-        if host_bytes > 0:
+        if host_buffer is not None:
+            host_bytes = min(max(host_bytes, slot), host_buffer.numel())
+            tiers.append(HostTier(host_bytes, slot, buffer=host_buffer, policy=config.eviction))
+        elif host_bytes > 0:
             # At least one slot; the pool commits pages only as slots come into use.
             tiers.append(HostTier(max(host_bytes, slot), slot, policy=config.eviction))
         if config.disk_cache_bytes > 0:

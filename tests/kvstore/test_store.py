@@ -355,6 +355,18 @@ def test_from_config_memory_tiers(stores: list[Store]) -> None:
     assert [t.name for t in auto.tiers] == expected, "'auto' without CUDA adds no CPU device tier"
 
 
+def test_from_config_with_a_caller_owned_host_buffer(stores: list[Store]) -> None:
+    buffer = torch.zeros(6 * SLOT, dtype=torch.uint8)
+    config = StoreConfig(host_cache_bytes=64 * SLOT, slot_bytes=SLOT, disk_cache_bytes=0)
+    store = keep(stores, Store.from_config(config, host_buffer=buffer))
+    host = store.tier("host")
+    assert isinstance(host, HostTier) and host.capacity_bytes == 6 * SLOT, "bounded by the buffer"
+    key = chunk_key(1)
+    store.put(key, pattern(key, SLOT))
+    span = host.slot_span(key)
+    assert span is not None and torch.equal(buffer[span[0] : span[0] + span[1]], pattern(key, SLOT))
+
+
 def test_from_config_host_fraction_of_available_memory(stores: list[Store]) -> None:
     available = available_memory_bytes()
     assert available > 0
