@@ -277,12 +277,11 @@ class Store:
             assert error is not None
             raise error
         lower = range(landed + 1, len(self.tiers))
-        # A lower copy of an older value must not come back once this one is evicted: demotion skips the
-        # copy when a lower tier already holds the key. (With write-through the background copy then
-        # writes the new value down again.)
-        for index in lower:
-            tier = self.tiers[index]
-            if tier.contains(key):
+        # No other tier may keep an older value: a higher one (passed over, e.g. pinned full) would shadow
+        # the new value on reads, and demotion skips the copy when a lower one already holds the key.
+        # (With write-through the background copy then writes the new value down again.)
+        for index, tier in enumerate(self.tiers):
+            if index != landed and tier.contains(key):
                 tier.remove(key)
         if self.write_through and lower:
             self._submit(_Job("copy_down", key, landed), run_if_full=True)

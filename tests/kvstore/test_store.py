@@ -188,6 +188,11 @@ def test_pinned_top_sends_puts_lower(stores: list[Store]) -> None:
         store.put(chunk_key(2), pattern(chunk_key(2), SLOT))
         assert store.tiers[1].contains(chunk_key(2)), "the only top slot is pinned: the put lands lower"
         assert torch.equal(handle.data, pattern(pinned, SLOT))
+        # A new value of the pinned key lands lower too, and the pinned old value no longer shadows it.
+        store.put(pinned, pattern(pinned, SLOT, version=1))
+        got = store.get(pinned)
+        assert got is not None and torch.equal(got, pattern(pinned, SLOT, version=1))
+        assert torch.equal(handle.data, pattern(pinned, SLOT)), "the reader still sees what it pinned"
     one_tier = keep(stores, Store([HostTier(SLOT, SLOT)]))
     one_tier.put(pinned, b"x")
     with one_tier.acquire(pinned), pytest.raises(TierFullError):  # type: ignore[union-attr]
