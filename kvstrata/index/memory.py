@@ -5,6 +5,8 @@ Python int with 5 bits per slot: bit ``5 * slot`` says the slot holds the block 
 ``5 * slot + 1 + t`` say it holds it in tier ``t``. A lookup walks the prompt's keys once with a *want* mask
 (the bits of the live slots whose prefix, or tier prefix, is still unbroken); the common step, where no
 prefix ends at this block, is one dict probe, one AND and one compare, whatever the number of instances.
+Masks are interned (one int object per distinct holder set), so entries of blocks with the same holders
+share one object, and a lookup skips a run of such blocks with an identity test.
 
 ``clear(instance)`` retires the instance's slot (O(1)): its bits stay in the entries but no longer count,
 because lookups only want live slots. Retired slots are reclaimed in one sweep when the slots run out, so a
@@ -48,6 +50,8 @@ log = logging.getLogger(__name__)
 
 _W = 1 + len(TIERS)  # bits per slot: "any tier", then one per tier
 _SLOT_BITS = (1 << _W) - 1
+_MAX_INTERNED = 1 << 16
+_NOTHING = object()
 
 
 def _expand(slot_mask: int) -> int:
@@ -96,6 +100,7 @@ class MemoryBlockIndex(BlockIndex):
         self._clock = clock
         self._lock = threading.Lock()
         self._young: dict[bytes, int] = {}
+        self._interned: dict[int, int] = {}
         self._old: dict[bytes, int] = {}
         self._instances: dict[str, _Instance] = {}
         self._slot_owner: dict[int, str] = {}
@@ -148,7 +153,7 @@ class MemoryBlockIndex(BlockIndex):
             for key, value in gen.items():
                 value &= keep
                 if value:
-                    gen[key] = value
+                    gen[key] = self._intern(value)
                 else:
                     dead.append(key)
             for key in dead:
@@ -177,6 +182,13 @@ class MemoryBlockIndex(BlockIndex):
             self._live_version = self._version
         return self._live_want
 
+    def _intern(self, value: int) -> int:
+        """One shared int object per distinct mask: compact, and lets lookups skip runs by identity."""
+        shared = self._interned.setdefault(value, value)
+        if len(self._interned) > _MAX_INTERNED:
+            self._interned = {value: shared}  # entries keep their objects; only new sharing restarts
+        return shared
+
     def _rotate_if_full(self) -> None:
         if len(self._young) >= self._generation:
             self.stats.evictions += len(self._old)
@@ -197,6 +209,7 @@ class MemoryBlockIndex(BlockIndex):
             young = self._young
             old_pop = self._old.pop
             generation = self._generation
+            intern = self._intern
             for key in keys:
                 value = young.get(key)
                 if value is None:
@@ -205,7 +218,7 @@ class MemoryBlockIndex(BlockIndex):
                         self._rotate_if_full()
                         young = self._young
                         old_pop = self._old.pop
-                young[key] = value | bits
+                young[key] = intern(value | bits)
             self.stats.blocks_added += len(keys)
 
     def remove(self, instance: str, tier: str, keys: Sequence[bytes]) -> None:
@@ -231,7 +244,7 @@ class MemoryBlockIndex(BlockIndex):
                     if not value & slot_tiers:
                         value &= ~any_bit
                     if value:
-                        gen[key] = value
+                        gen[key] = self._intern(value)
                     else:
                         del gen[key]
                     break
@@ -271,8 +284,14 @@ class MemoryBlockIndex(BlockIndex):
             get = self._young.get
             ended_at: list[tuple[int, int]] = []  # (bits that ended, at block)
             i = 0
+            prev: object = _NOTHING
             for key in keys:
                 value = get(key)
+                if value is prev:
+                    # the same (interned) holders as the block before, the common case in a shared prefix:
+                    # nothing can end here
+                    i += 1
+                    continue
                 if value is None:
                     value = self._old.pop(key, None)
                     if value is None:
@@ -285,6 +304,7 @@ class MemoryBlockIndex(BlockIndex):
                         ended_at.append((ended, i))
                     if not want:
                         break
+                prev = value
                 i += 1
             if want and i:
                 ended_at.append((want, i))
