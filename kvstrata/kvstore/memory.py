@@ -106,8 +106,20 @@ class PooledTier(Tier):
                 self._pool.free(entry.slot)
 
     # -- the Tier contract ---------------------------------------------------------------------------
-    def put(self, key: bytes, data: BufferLike, meta: ChunkMeta = EMPTY_META, *, evict: bool = True) -> None:
-        """Copy ``data`` into a slot (see :meth:`Tier.put`)."""
+    def put(
+        self,
+        key: bytes,
+        data: BufferLike,
+        meta: ChunkMeta = EMPTY_META,
+        *,
+        evict: bool = True,
+        if_absent: bool = False,
+    ) -> None:
+        """Copy ``data`` into a slot (see :meth:`Tier.put`).
+
+        ``if_absent=True`` (the Store promoting a chunk) keeps a value that another thread stored meanwhile
+        instead of replacing it with this, possibly older, one.
+        """
         key = check_key(key)
         src = _as_bytes(data)
         length = src.numel()
@@ -137,6 +149,9 @@ class PooledTier(Tier):
                 raise StoreError(f"the {self.name} tier is closed")
             old = self._entries.get(key)
             if old is not None:
+                if if_absent:
+                    self._pool.free(slot)
+                    return
                 self._drop(key, old)
             self._entries[key] = entry
             self._policy.insert(key, length)

@@ -108,6 +108,14 @@ def available_memory_bytes() -> int:
         return 0
 
 
+def _put_if_absent(tier: Tier, key: bytes, data: torch.Tensor, meta: ChunkMeta, *, evict: bool) -> None:
+    # A promotion must not replace a newer value that a concurrent put stored in the meantime.
+    if isinstance(tier, PooledTier):
+        tier.put(key, data, meta, evict=evict, if_absent=True)
+    elif not tier.contains(key):
+        tier.put(key, data, meta, evict=evict)
+
+
 def _pin_for_move(tier: Tier, key: bytes) -> ChunkHandle | None:
     # Moving a chunk between tiers is not a read: it must not count a hit nor refresh recency.
     if isinstance(tier, PooledTier):
@@ -287,15 +295,27 @@ class Store:
             self._submit(_Job("copy_down", key, landed), run_if_full=True)
         self._maybe_relieve(landed)
 
-    def _store_at(self, index: int, key: bytes, src: torch.Tensor, meta: ChunkMeta) -> None:
-        """Put into tier ``index``, demoting its victims one tier down first when it is full."""
+    def _store_at(
+        self, index: int, key: bytes, src: torch.Tensor, meta: ChunkMeta, *, promotion: bool = False
+    ) -> None:
+        """Put into tier ``index``, demoting its victims one tier down first when it is full.
+
+        A ``promotion`` keeps a value of ``key`` already in the tier (it may be newer than ``src``).
+        """
         tier = self.tiers[index]
+
+        def put(evict: bool) -> None:
+            if promotion:
+                _put_if_absent(tier, key, src, meta, evict=evict)
+            else:
+                tier.put(key, src, meta, evict=evict)
+
         if index == len(self.tiers) - 1:
-            tier.put(key, src, meta, evict=True)  # the bottom tier drops its coldest chunks itself
+            put(True)  # the bottom tier drops its coldest chunks itself
             return
         for _ in range(_MAKE_ROOM_ROUNDS):
             try:
-                tier.put(key, src, meta, evict=False)
+                put(False)
                 return
             except TierFullError:
                 pass
@@ -304,7 +324,7 @@ class Store:
                 raise TierFullError(f"the {tier.name} tier is full and every chunk in it is pinned")
             for victim in victims:
                 self._demote(index, victim, must_free=True)
-        tier.put(key, src, meta, evict=True)
+        put(True)
 
     def _demote(self, index: int, key: bytes, *, must_free: bool) -> bool:
         """Copy ``key`` from tier ``index`` to the highest lower tier that takes it, then drop it there.
@@ -383,9 +403,11 @@ class Store:
             # Its metadata (block keys, for the events) would cost a second read: let a worker do it.
             self._submit_promotion(key)
             return
+        if top.contains(key):
+            return  # promoted by another reader meanwhile
         meta = self._meta_of(self.tiers[found], key) or EMPTY_META
         try:
-            top.put(key, data, meta, evict=False)
+            _put_if_absent(top, key, data, meta, evict=False)
         except TierFullError:
             # Making room means demoting (maybe a disk write): not on the reader's time.
             self._submit_promotion(key)
@@ -447,7 +469,10 @@ class Store:
         if not self.flush(timeout=30.0):
             log.warning("store: closing with background work still pending")
         for _ in self._workers:
-            self._queue.put(None)
+            try:
+                self._queue.put(None, timeout=5.0)
+            except queue.Full:  # workers stuck on a hung tier: they are daemons, leave them
+                break
         for worker in self._workers:
             worker.join(timeout=5.0)
         for unsubscribe in self._unsubscribe:
@@ -567,7 +592,7 @@ class Store:
                 continue
             with handle:
                 try:
-                    self._store_at(0, key, handle.data, handle.meta)
+                    self._store_at(0, key, handle.data, handle.meta, promotion=True)
                 except (TierFullError, ChunkTooLargeError) as exc:
                     # Promotion is an optimisation: a top tier pinned full (or too small) just skips it.
                     log.debug("store: promotion to the %s tier skipped: %s", self.tiers[0].name, exc)

@@ -85,3 +85,16 @@ def test_s3fifo_policy_keeps_the_reused_chunk_through_a_scan() -> None:
         tier.put(chunk_key(i), pattern(chunk_key(i), SLOT))
     got = tier.get(hot)
     assert got is not None and torch.equal(got, pattern(hot, SLOT))
+
+
+def test_put_if_absent_keeps_the_present_value() -> None:
+    tier = HostTier(2 * SLOT, SLOT)
+    key = chunk_key(1)
+    tier.put(key, pattern(key, SLOT, 1))
+    tier.put(key, pattern(key, SLOT, 2), if_absent=True)
+    got = tier.get(key)
+    assert got is not None and torch.equal(got, pattern(key, SLOT, 1))
+    assert tier.used_bytes == SLOT, "the slot reserved for the refused copy went back to the pool"
+    other = chunk_key(2)
+    tier.put(other, pattern(other, SLOT), if_absent=True)
+    assert tier.contains(other)
