@@ -15,6 +15,7 @@ machine without a GPU).
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections import OrderedDict
 
 import torch
@@ -31,6 +32,7 @@ _WORDS = {4: torch.int32, 2: torch.int16, 1: torch.int8}
 _TILE_WORDS = 2048
 _OFFSETS_CACHE: OrderedDict[tuple[object, ...], torch.Tensor] = OrderedDict()
 _OFFSETS_CACHE_SIZE = 64
+_OFFSETS_LOCK = threading.Lock()
 
 
 @triton.jit
@@ -102,14 +104,16 @@ def layer_offsets_tensor(caches: PagedCaches, scale: int) -> tuple[torch.Tensor,
     unit = 16 if all(off % 16 == 0 for off in scaled) else 1
     values = tuple(off // unit for off in scaled)
     key = (str(caches.device), values)
-    tensor = _OFFSETS_CACHE.get(key)
-    if tensor is None:
-        tensor = torch.tensor(values, dtype=torch.int64).to(caches.device)
+    with _OFFSETS_LOCK:  # the connector saves and loads from different threads
+        tensor = _OFFSETS_CACHE.get(key)
+        if tensor is not None:
+            _OFFSETS_CACHE.move_to_end(key)
+            return tensor, unit
+    tensor = torch.tensor(values, dtype=torch.int64).to(caches.device)
+    with _OFFSETS_LOCK:
         _OFFSETS_CACHE[key] = tensor
-        if len(_OFFSETS_CACHE) > _OFFSETS_CACHE_SIZE:
+        while len(_OFFSETS_CACHE) > _OFFSETS_CACHE_SIZE:
             _OFFSETS_CACHE.popitem(last=False)
-    else:
-        _OFFSETS_CACHE.move_to_end(key)
     return tensor, unit
 
 
@@ -144,7 +148,9 @@ def _launch(
     # Every distance is a multiple of the element size (the chunk is 16-byte aligned), so width >= itemsize
     # and the distances below, counted in words, are exact.
     scale_elems = width // caches.itemsize
-    cache_words = caches.layers[0].view(torch.uint8).view(word)
+    # A one-word alias of layer 0 (same address, word dtype): the kernel only needs its address and type,
+    # and as_strided never copies (a reshape of a strided cache could, and the kernel would write a copy).
+    cache_words = torch.as_strided(caches.layers[0], (scale_elems,), (1,)).view(torch.uint8).view(word)
     payload = chunk[HEADER_BYTES : HEADER_BYTES + spec.payload_bytes].view(word)
     offsets, unit = layer_offsets_tensor(caches, scale_elems)
     ids = block_ids.to(caches.device, non_blocking=True)
