@@ -12,11 +12,14 @@ payload length, payload checksum, header checksum), zero-padded to a multiple of
 page-aligned, then the payload. The checksum is XXH3-64 when the ``xxhash`` package is installed (about 15
 GiB/s, so it costs little beside the I/O), CRC-32 (zlib) otherwise; the header records which.
 
-Writes and crash safety: a put writes a temporary ``.<key>.<pid>.<seq>.tmp`` in the same subdirectory,
-optionally ``fsync``s it, and renames it over the final name (atomic on POSIX); with ``fsync=True`` the
-subdirectory is ``fsync``ed after the rename so the new name survives a power loss. A process killed in the
-middle leaves only a temporary file, which the next start-up deletes. Only one ``DiskTier`` may use a
-directory at a time (an exclusive ``flock`` on ``DIR/LOCK``).
+Writes and crash safety: a put writes a temporary ``.<key>.<pid>.<seq>.tmp`` in the same subdirectory and
+renames it over the final name (atomic on POSIX). A process killed in the middle leaves only a temporary
+file, which the next start-up deletes. With ``fsync=True`` the put returns only after the file's data
+(``fdatasync``) and the subdirectory (``fsync``) are on stable storage, so it survives a power loss; both
+flushes come after the rename, which costs one journal commit per put instead of two (a power loss before
+them can leave the new name on incomplete data: the checksums turn that into a miss, see
+:meth:`DiskTier._make_durable`). Only one ``DiskTier`` may use a directory at a time (an exclusive
+``flock`` on ``DIR/LOCK``).
 
 Start-up rebuilds the catalog from the directory: every ``*.kvc`` file whose header is intact and whose
 size matches its header is kept (coldest first by modification time); partial, temporary and corrupt files
@@ -458,8 +461,11 @@ class DiskTier(Tier):
         finally:
             os.close(fd)
 
-    def _write_file(self, path: str, header: bytes, payload: memoryview) -> None:
-        """Write header + payload to a new file (raises OSError; the caller deletes the file)."""
+    def _write_file(self, path: str, header: bytes, payload: memoryview) -> int:
+        """Write header + payload to a new file and return its open descriptor (the caller closes it).
+
+        Raises OSError (the file is closed; the caller deletes it).
+        """
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         try:
             total = len(header) + len(payload)
@@ -469,11 +475,10 @@ class DiskTier(Tier):
                     done += os.write(fd, header[done:])
                 else:
                     done += os.write(fd, payload[done - len(header) :])
-            if self._fsync:
-                # Data and the size/allocation metadata needed to read it back; mtime need not be durable.
-                os.fdatasync(fd)
-        finally:
+        except BaseException:
             os.close(fd)
+            raise
+        return fd
 
     @staticmethod
     def _read_payload(fd: int, entry: _Entry, dst: torch.Tensor) -> bool:
@@ -529,10 +534,17 @@ class DiskTier(Tier):
                     self._reserved -= charge
                     self._count("errors")
                     raise TierIOError(f"cannot create a disk tier directory: {exc}") from exc
-            self._write_with_retries(tmp, header, payload, charge, evict, evicted)
-            self._commit(
-                key, tmp, _Entry(self._path(key), meta, len(header), length, checksum, self._algorithm)
-            )
+            fd = self._write_with_retries(tmp, header, payload, charge, evict, evicted)
+            entry = _Entry(self._path(key), meta, len(header), length, checksum, self._algorithm)
+            try:
+                self._commit(key, tmp, entry)
+            except BaseException:
+                os.close(fd)
+                raise
+            if self._fsync:
+                self._make_durable(key, entry, fd)
+            else:
+                os.close(fd)
         finally:
             if evicted:
                 self._emit_removed([k for k, _ in evicted], [m for _, m in evicted])
@@ -546,12 +558,12 @@ class DiskTier(Tier):
         charge: int,
         evict: bool,
         evicted: list[tuple[bytes, ChunkMeta]],
-    ) -> None:
-        """Write the temporary file; on a full file system evict and retry (``evict=True``) or refuse."""
+    ) -> int:
+        """Write the temporary file (returns its descriptor); on a full file system evict and retry
+        (``evict=True``) or refuse."""
         for attempt in range(_FULL_RETRIES + 1):
             try:
-                self._write_file(tmp, header, payload)
-                return
+                return self._write_file(tmp, header, payload)
             except OSError as exc:
                 self._unlink(tmp)
                 full = exc.errno in _FULL_ERRNOS
@@ -594,11 +606,31 @@ class DiskTier(Tier):
             self._used += entry.charge
             self._count("puts")
             self._count("bytes_written", entry.length)
-        if self._fsync:
+
+    def _make_durable(self, key: bytes, entry: _Entry, fd: int) -> None:
+        """Flush a committed chunk's data and its directory entry (``fsync=True``); closes ``fd``.
+
+        This runs after the rename on purpose: on journalling file systems the data flush then commits the
+        rename in the same journal transaction, and the directory fsync finds little left to do (one journal
+        commit per put instead of two). Crash safety does not depend on the order: a crash before the flush
+        can leave the new name on incomplete data, which start-up (size, header checksum) or the read
+        (payload checksum) turns into a miss. The put returns only once both flushes are done.
+        """
+        try:
             try:
-                self._fsync_dir(os.path.dirname(final))
-            except OSError as exc:
-                raise TierIOError(f"fsync of {os.path.dirname(final)} failed: {exc}") from exc
+                os.fdatasync(fd)  # data and the size/allocation metadata needed to read it back
+            finally:
+                os.close(fd)
+            self._fsync_dir(os.path.dirname(entry.path))
+        except OSError as exc:
+            with self._lock:
+                self._count("errors")
+                dropped = self._entries.get(key) is entry
+                if dropped:
+                    self._drop(key, entry)
+            if dropped:
+                self._emit_removed([key], [entry.meta])
+            raise TierIOError(f"flushing {entry.path} to stable storage failed: {exc}") from exc
 
     def _open(self, key: bytes, pin: bool) -> tuple[_Entry, int] | None:
         """Look the chunk up and open its file (``None``: a miss, counted)."""
