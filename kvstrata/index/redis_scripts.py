@@ -165,26 +165,23 @@ local mine = u32(nid)
 local rec = string.char(tier) .. mine .. u32(ep)
 local ttl = tonumber(ARGV[5])
 local adding = op == 'a'
-for k = 6, #KEYS do
-  local v = redis.call('GET', KEYS[k])
+local function merge(key, v)
   local parts = {}
   local found = false
   local changed = false
-  if v then
-    for j = 1, #v - 8, 9 do
-      local r = string.sub(v, j, j + 8)
-      if string.sub(r, 2, 5) == mine then
-        if string.sub(r, 6, 9) ~= string.sub(rec, 6, 9) then
-          changed = true
-        elseif string.byte(r, 1) == tier then
-          found = true
-          if adding then parts[#parts + 1] = r else changed = true end
-        else
-          parts[#parts + 1] = r
-        end
+  for j = 1, #v - 8, 9 do
+    local r = string.sub(v, j, j + 8)
+    if string.sub(r, 2, 5) == mine then
+      if string.sub(r, 6, 9) ~= string.sub(rec, 6, 9) then
+        changed = true
+      elseif string.byte(r, 1) == tier then
+        found = true
+        if adding then parts[#parts + 1] = r else changed = true end
       else
         parts[#parts + 1] = r
       end
+    else
+      parts[#parts + 1] = r
     end
   end
   if adding and not found then
@@ -193,14 +190,32 @@ for k = 6, #KEYS do
   end
   if changed then
     if #parts == 0 then
-      redis.call('DEL', KEYS[k])
+      redis.call('DEL', key)
     elseif ttl > 0 then
-      redis.call('SET', KEYS[k], table.concat(parts), 'EX', ttl)
+      redis.call('SET', key, table.concat(parts), 'EX', ttl)
     else
-      redis.call('SET', KEYS[k], table.concat(parts))
+      redis.call('SET', key, table.concat(parts))
     end
   elseif adding and ttl > 0 then
-    redis.call('EXPIRE', KEYS[k], ttl)
+    redis.call('EXPIRE', key, ttl)
+  end
+end
+for k = 6, #KEYS do
+  if adding then
+    -- a block nobody holds yet (the common case when ingesting) costs one call
+    local fresh
+    if ttl > 0 then
+      fresh = redis.call('SET', KEYS[k], rec, 'NX', 'EX', ttl)
+    else
+      fresh = redis.call('SET', KEYS[k], rec, 'NX')
+    end
+    if not fresh then
+      local v = redis.call('GET', KEYS[k])
+      if v then merge(KEYS[k], v) else redis.call('SET', KEYS[k], rec) end
+    end
+  else
+    local v = redis.call('GET', KEYS[k])
+    if v then merge(KEYS[k], v) end
   end
 end
 return #KEYS - 5
