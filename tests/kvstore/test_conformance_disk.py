@@ -35,6 +35,13 @@ class TestDiskTierFsyncConformance(_DiskSizing, TierConformance):
         return DiskTier(self._fresh_dir(), capacity_bytes, fsync=True)
 
 
+class TestDiskTierS3FIFOConformance(_DiskSizing, TierConformance):
+    """S3-FIFO instead of LRU: the suite's order checks hold too (none of them reads a key twice)."""
+
+    def make_tier(self, capacity_bytes: int) -> Tier:
+        return DiskTier(self._fresh_dir(), capacity_bytes, policy="s3fifo")
+
+
 class TestDiskTierThroughFaults(_DiskSizing, FaultyTierConformance):
     def make_inner(self, capacity_bytes: int) -> Tier:
         return DiskTier(self._fresh_dir(), capacity_bytes)
