@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench._common import best_time, emit, gib_per_s, log
-from kvstrata.kernels import chunk_spec, gather, scatter
+from kvstrata.kernels import chunk_spec, gather, read_header, scatter
 from kvstrata.kernels.reference import dequantise_rows, quantise_rows
 
 BENCH = "kernels"
@@ -61,7 +61,9 @@ def layer_shape(layout: str, num_blocks: int) -> tuple[int, ...]:
     return (num_blocks, 2, HEADS, BLOCK_SIZE, HEAD_SIZE)  # kv_second_hnd
 
 
-def bench_paging(device: torch.device, layout: str, blocks: int, codec: str, repeat: int) -> None:
+def bench_paging(
+    device: torch.device, layout: str, blocks: int, codec: str, repeat: int, backends: list[str]
+) -> None:
     """Gather and scatter of ``blocks`` random blocks, against copy_ of the same bytes."""
     name = device_name(device)
     engine_blocks = blocks * 2
@@ -79,8 +81,8 @@ def bench_paging(device: torch.device, layout: str, blocks: int, codec: str, rep
     src = torch.empty(kv_bytes, dtype=torch.uint8, device=device).random_(0, 255)
     dst = torch.empty_like(src)
     ceiling = gib_per_s(kv_bytes, timed(lambda: dst.copy_(src), device, repeat))
-    backends = ["triton", "torch"] if device.type == "cuda" else ["torch"]
     chunk = gather(caches, ids, engine_layout=layout, codec=codec, out=out, backend="torch")
+    header = read_header(chunk)  # what a connector does: decode the header once, from the host copy
     results: dict[tuple[str, str], float] = {}
     for backend in backends:
         for op in ("gather", "scatter"):
@@ -88,7 +90,7 @@ def bench_paging(device: torch.device, layout: str, blocks: int, codec: str, rep
             def run(op: str = op, backend: str = backend) -> object:
                 if op == "gather":
                     return gather(caches, ids, engine_layout=layout, codec=codec, out=out, backend=backend)
-                return scatter(chunk, caches, targets, engine_layout=layout, backend=backend)
+                return scatter(chunk, caches, targets, engine_layout=layout, header=header, backend=backend)
 
             value = gib_per_s(kv_bytes, timed(run, device, repeat))
             results[(backend, op)] = value
@@ -100,7 +102,7 @@ def bench_paging(device: torch.device, layout: str, blocks: int, codec: str, rep
                 "bytes": kv_bytes,
             }
             emit(BENCH, f"{op}_{backend}_{layout}_{codec}", value, "GiB/s", ceiling, **extra)
-    if device.type == "cuda":
+    if "triton" in backends and "torch" in backends:
         for op in ("gather", "scatter"):
             speedup = results[("triton", op)] / results[("torch", op)]
             emit(
@@ -149,18 +151,22 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--blocks", type=int, default=0, help="blocks per chunk (default 256 GPU, 32 CPU)")
     parser.add_argument("--repeat", type=int, default=0)
+    parser.add_argument(
+        "--backends", default="", help="comma-separated: triton,torch (default both on CUDA, torch on CPU)"
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"
     blocks = args.blocks or (256 if on_gpu else 32)
     repeat = args.repeat or (20 if on_gpu else 3)
+    backends = args.backends.split(",") if args.backends else (["triton", "torch"] if on_gpu else ["torch"])
     log(f"# kernels on {device_name(device)}: {blocks} blocks of a 7B-like layout")
     layouts = ["kv_first_nhd", "kv_second_hnd"] if on_gpu else ["cpu_packed", "kv_first_nhd"]
     for layout in layouts:
-        bench_paging(device, layout, blocks, "none", repeat)
-    bench_paging(device, "kv_first_nhd", blocks, "fp8", repeat)
+        bench_paging(device, layout, blocks, "none", repeat, backends)
+    bench_paging(device, "kv_first_nhd", blocks, "fp8", repeat, backends)
     if on_gpu:
-        bench_paging(device, "kv_first_nhd", blocks, "int8", repeat)
+        bench_paging(device, "kv_first_nhd", blocks, "int8", repeat, backends)
     bench_quant_error(device)
 
 
