@@ -226,10 +226,10 @@ class RedisBlockIndex(BlockIndex):
             tier = b"0" if op.op == "h" else str(op.tier).encode()
             keys = op.keys
             for start in range(0, max(1, len(keys)), _KEYS_PER_CALL):
-                part = [prefix + k for k in keys[start : start + _KEYS_PER_CALL]]
+                packed = b"".join(keys[start : start + _KEYS_PER_CALL])
                 self._write(
-                    keys=[*head, lease, *part],
-                    args=[op.op, op.instance, tier, ttl, self._block_ttl],
+                    keys=[*head, lease],
+                    args=[op.op, op.instance, tier, ttl, self._block_ttl, prefix, packed],
                     client=pipe,
                 )
         pipe.execute()
@@ -278,11 +278,10 @@ class RedisBlockIndex(BlockIndex):
         self.stats.lookups += 1
         if not n:
             return LookupResult(0)
-        prefix = self._block_prefix
         try:
             raw = self._walk(
-                keys=[self._k_names, self._k_epochs, *[prefix + k for k in keys]],
-                args=[self._lease_prefix],
+                keys=[self._k_names, self._k_epochs],
+                args=[self._lease_prefix, self._block_prefix, b"".join(keys)],
             )
         except self._errors_cls as exc:
             self.stats.errors += 1

@@ -14,12 +14,14 @@ __all__ = ["INSTANCES", "WALK", "WRITE"]
 #: per MGET'd key far faster than a table per HGETALL; records are decoded with string.byte, no allocation.
 #:
 #: The prefix walk: one round trip per lookup.
-#: KEYS[1] = names hash (id -> name), KEYS[2] = epochs hash (id -> epoch), KEYS[3..] = the block keys, in
-#: prompt order. ARGV[1] = the lease key prefix (the lease of instance N is ARGV[1] .. N; lease keys are not
-#: declared because their names are only known here, but they share the namespace's hash tag, hence the
-#: slot, so this runs unchanged on Redis Cluster). Blocks are fetched with MGET in growing runs (32, 64, ...)
-#: so that a short match costs little and a long one few calls. The walk stops at the first block that no
-#: live instance still in the prefix holds, in a tier, under its current epoch.
+#: KEYS[1] = names hash (id -> name), KEYS[2] = epochs hash (id -> epoch); ARGV[2] = the block key prefix,
+#: ARGV[3] = the prompt's 16-byte block keys, concatenated in prompt order, ARGV[1] = the lease key prefix
+#: (the lease of instance N is ARGV[1] .. N). Block and lease keys are not declared in KEYS: lease key names
+#: are only known here, and one packed argument costs the client far less than a thousand; they all share
+#: the namespace's hash tag, hence the slot of the declared keys, so this runs unchanged on Redis Cluster.
+#: Blocks are fetched with MGET in growing runs (32, 64, ...) so that a short match costs little and a long
+#: one few calls. The walk stops at the first block that no live instance still in the prefix holds, in a
+#: tier, under its current epoch.
 #: Returns a flat array: per matching instance, name, prefix blocks, then the depth in each of the 4 tiers.
 WALK = r"""
 local live = {}
@@ -29,7 +31,6 @@ local prefix = {}
 local depth = {}
 local order = {}
 local i = 0
-local k = 3
 local run = 32
 local stop = false
 local prev = nil
@@ -39,9 +40,17 @@ local function drop_tiers(id, m, at)
     if bit.band(m, bit.lshift(1, t)) ~= 0 then d[t + 1] = at end
   end
 end
-while k <= #KEYS and not stop do
-  local last = math.min(k + run - 1, #KEYS)
-  local vals = redis.call('MGET', unpack(KEYS, k, last))
+local blob = ARGV[3]
+local nkeys = math.floor(#blob / 16)
+local bprefix = ARGV[2]
+local k = 1
+while k <= nkeys and not stop do
+  local last = math.min(k + run - 1, nkeys)
+  local names = {}
+  for q = k, last do
+    names[#names + 1] = bprefix .. string.sub(blob, q * 16 - 15, q * 16)
+  end
+  local vals = redis.call('MGET', unpack(names))
   k = last + 1
   run = math.min(run * 2, 512)
   for q = 1, #vals do
@@ -135,7 +144,8 @@ return out
 
 #: One write: add / remove block keys, clear (epoch bump), or heartbeat. Every write renews the lease.
 #: KEYS[1] = ids hash (name -> id), KEYS[2] = names hash, KEYS[3] = id counter, KEYS[4] = epochs hash,
-#: KEYS[5] = this instance's lease key, KEYS[6..] = block keys.
+#: KEYS[5] = this instance's lease key; ARGV[6] = the block key prefix, ARGV[7] = the 16-byte block keys,
+#: concatenated.
 #: ARGV[1] = op ('a' add, 'r' remove, 'c' clear, 'h' heartbeat), ARGV[2] = instance name,
 #: ARGV[3] = tier (0-3), ARGV[4] = lease TTL in ms, ARGV[5] = block entry TTL in s (0: none).
 #: A write rewrites the block's records of this instance: it drops its records of older epochs (what a
@@ -200,25 +210,28 @@ local function merge(key, v)
     redis.call('EXPIRE', key, ttl)
   end
 end
-for k = 6, #KEYS do
+local blob = ARGV[7]
+local nkeys = math.floor(#blob / 16)
+for k = 1, nkeys do
+  local key = ARGV[6] .. string.sub(blob, k * 16 - 15, k * 16)
   if adding then
     -- a block nobody holds yet (the common case when ingesting) costs one call
     local fresh
     if ttl > 0 then
-      fresh = redis.call('SET', KEYS[k], rec, 'NX', 'EX', ttl)
+      fresh = redis.call('SET', key, rec, 'NX', 'EX', ttl)
     else
-      fresh = redis.call('SET', KEYS[k], rec, 'NX')
+      fresh = redis.call('SET', key, rec, 'NX')
     end
     if not fresh then
-      local v = redis.call('GET', KEYS[k])
-      if v then merge(KEYS[k], v) else redis.call('SET', KEYS[k], rec) end
+      local v = redis.call('GET', key)
+      if v then merge(key, v) else redis.call('SET', key, rec) end
     end
   else
-    local v = redis.call('GET', KEYS[k])
-    if v then merge(KEYS[k], v) end
+    local v = redis.call('GET', key)
+    if v then merge(key, v) end
   end
 end
-return #KEYS - 5
+return nkeys
 """
 
 #: The live instances. KEYS[1] = names hash, KEYS[2] = epochs hash; ARGV[1] = the lease key prefix.
