@@ -15,7 +15,8 @@ Call order and semantics
 - ``clear(instance)`` forgets everything the instance holds, in O(1): it bumps the instance's epoch, and
   entries written under an older epoch stop counting at once (they are reclaimed lazily).
 - ``lookup(keys)`` returns a :class:`LookupResult`: per live instance that holds at least the first block,
-  its longest consecutive prefix and, per tier, the longest consecutive prefix held in that tier.
+  its longest consecutive prefix and, per tier, the longest consecutive prefix held in that tier. Lookups
+  do not validate keys (they are on the request path): a key that is not 16 bytes never matches.
 - ``flush(timeout_s)`` makes every write issued before it visible to lookups (backends that batch writes,
   like Redis, apply them in the background); returns ``False`` if that could not be done in time.
 - ``close()`` stops background work; calls after it raise :class:`IndexError_`.

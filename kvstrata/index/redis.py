@@ -49,6 +49,7 @@ from kvstrata.index.base import (
     tier_index,
 )
 from kvstrata.index.redis_scripts import INSTANCES, WALK, WRITE
+from kvstrata.kvstore.keys import KEY_BYTES
 
 if TYPE_CHECKING:
     from kvstrata.config import IndexConfig
@@ -278,10 +279,15 @@ class RedisBlockIndex(BlockIndex):
         self.stats.lookups += 1
         if not n:
             return LookupResult(0)
+        packed = b"".join(keys)
+        if len(packed) != KEY_BYTES * n:
+            # a key of the wrong length never matches, so the prefix ends before the first one
+            good = next(i for i, k in enumerate(keys) if len(k) != KEY_BYTES)
+            packed = b"".join(keys[:good])
         try:
             raw = self._walk(
                 keys=[self._k_names, self._k_epochs],
-                args=[self._lease_prefix, self._block_prefix, b"".join(keys)],
+                args=[self._lease_prefix, self._block_prefix, packed],
             )
         except self._errors_cls as exc:
             self.stats.errors += 1

@@ -185,6 +185,12 @@ class IndexConformance:
         with pytest.raises(InvalidArgumentError):
             index.remove("", "host", make_keys(1))
 
+    def test_a_malformed_key_in_a_lookup_ends_the_prefix(self, index: BlockIndex) -> None:
+        keys = make_keys(6)
+        index.add("a", "host", keys)
+        self.settle(index)
+        assert summary(index.lookup([*keys[:3], b"bad", *keys[3:]])) == {"a": (3, {"host": 3})}
+
     def test_randomized_against_a_reference(self, index: BlockIndex) -> None:
         rng = random.Random(7)
         universe = make_keys(24, "rand")
