@@ -104,7 +104,8 @@ def as_layer_list(caches: torch.Tensor | Sequence[torch.Tensor], engine_layout: 
 def describe_caches(caches: torch.Tensor | Sequence[torch.Tensor], engine_layout: str) -> PagedCaches:
     """Check per-layer paged tensors against ``engine_layout``; :class:`LayoutError` when they do not fit."""
     layers = as_layer_list(caches, engine_layout)
-    block_dim, kv_dim, names = _DIMS[engine_layout]
+    block_dim, kv_dim, documented = _DIMS[engine_layout]
+    names = list(documented)
     first = layers[0]
     for i, layer in enumerate(layers):
         if not isinstance(layer, torch.Tensor):
@@ -121,6 +122,15 @@ def describe_caches(caches: torch.Tensor | Sequence[torch.Tensor], engine_layout
     dtype = str(first.dtype).removeprefix("torch.")
     if dtype not in KV_DTYPES:
         raise UnsupportedLayoutError(f"cache dtype {dtype} is not supported; supported: {KV_DTYPES}")
+    inner = [d for d in range(first.dim()) if d not in (block_dim, kv_dim)]
+    if engine_layout != "cpu_packed":
+        # vLLM hands an HND cache over as a permuted view: logical (..., block_size, heads, head_size) with
+        # HND strides. The layout name says the physical order; a view whose two outer slab dims are
+        # swapped in memory is read with their names swapped, so both forms of the same buffer work.
+        outer, middle = inner[0], inner[1]
+        if first.shape[outer] > 1 and first.shape[middle] > 1 and first.stride(outer) < first.stride(middle):
+            names[outer], names[middle] = names[middle], names[outer]
+            inner = [middle, outer, inner[2]]
     shape = dict(zip(names, first.shape, strict=True))
     if kv_dim is not None and shape["kv"] != 2:
         raise LayoutError(f"{engine_layout}: the K/V dimension must be 2, got {shape['kv']}")
@@ -130,8 +140,7 @@ def describe_caches(caches: torch.Tensor | Sequence[torch.Tensor], engine_layout
         head_size = shape["head_size_x2"] // 2
     else:
         head_size = shape["head_size"]
-    # The slab of one (block, K-or-V) must be contiguous: the trailing dims after block and kv.
-    inner = [d for d in range(first.dim()) if d not in (block_dim, kv_dim)]
+    # The slab of one (block, K-or-V) must be contiguous, in the physical order of ``inner``.
     expected = 1
     for d in reversed(inner):
         if first.shape[d] != 1 and first.stride(d) != expected:

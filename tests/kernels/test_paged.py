@@ -112,6 +112,26 @@ def test_block_sizes_and_shared_buffers(
 
 
 @pytest.mark.parametrize("codec", ["none", "int8"])
+@pytest.mark.parametrize("layout", ["kv_first_hnd", "kv_second_hnd"])
+def test_vllm_permuted_hnd_view_reads_as_its_buffer(layout: str, codec: str, device: torch.device) -> None:
+    # vLLM allocates an HND cache physically and hands over a view with logical NHD dims (stride order).
+    physical = make_caches(layout, heads=2, block_size=16, dtype=torch.bfloat16, device=device, seed=6)
+    views = [c.transpose(-3, -2) for c in physical]
+    assert views[0].shape[-3:] == (16, 2, 16) and not views[0].is_contiguous()
+    chunk = gather(views, [1, 3], engine_layout=layout, codec=codec, backend="triton")
+    assert torch.equal(chunk.cpu(), gather(physical, [1, 3], engine_layout=layout, codec=codec).cpu())
+    dst = [torch.zeros_like(c) for c in physical]
+    scatter(chunk, [d.transpose(-3, -2) for d in dst], [0, 2], engine_layout=layout, backend="triton")
+    ref = [torch.zeros_like(c) for c in physical]
+    scatter(chunk, ref, [0, 2], engine_layout=layout, backend="torch")
+    for got, want in zip(dst, ref, strict=True):
+        assert (
+            torch.equal(bits(got), bits(want)) if codec == "none" else torch.allclose(got, want, rtol=2**-7)
+        )
+        assert got.abs().sum() > 0
+
+
+@pytest.mark.parametrize("codec", ["none", "int8"])
 def test_layer_wise_equals_whole_chunk(codec: str, device: torch.device) -> None:
     layout = "kv_second_hnd"
     caches = make_caches(layout, num_layers=3, dtype=torch.float16, device=device, seed=3)
