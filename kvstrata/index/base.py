@@ -80,11 +80,11 @@ def tier_index(tier: str) -> int:
 
 def check_block_keys(keys: Iterable[bytes]) -> list[bytes]:
     """Validate block keys (16 bytes each) and return them as a list of ``bytes``."""
-    out = [bytes(k) if not isinstance(k, bytes) else k for k in keys]
-    for key in out:
-        if len(key) != KEY_BYTES:
-            raise InvalidArgumentError(f"a block key is {KEY_BYTES} bytes, got {len(key)}")
-    return out
+    out = keys if isinstance(keys, list) and set(map(type, keys)) <= {bytes} else [bytes(k) for k in keys]
+    if set(map(len, out)) - {KEY_BYTES}:
+        bad = next(len(k) for k in out if len(k) != KEY_BYTES)
+        raise InvalidArgumentError(f"a block key is {KEY_BYTES} bytes, got {bad}")
+    return list(out)
 
 
 def check_instance(instance: str) -> str:

@@ -129,7 +129,11 @@ def _hash(value: Any) -> EngineHash:
 def _hashes(value: Any) -> list[EngineHash]:
     if not isinstance(value, (list, tuple)):
         raise ValueError("block_hashes is a list")
-    return [_hash(v) for v in value]
+    # one C-level pass over the element types (ints, or bytes): the common case costs no Python call per hash
+    kinds = set(map(type, value))
+    if not kinds <= {int, bytes}:
+        raise ValueError("a block hash is an int or bytes")
+    return value if isinstance(value, list) else list(value)
 
 
 def _opt_str(value: Any) -> str | None:
@@ -179,7 +183,7 @@ def _event(raw: Any) -> Event | None:
         return BlockStored(
             _hashes(get("block_hashes")),
             None if parent is None else _hash(parent),
-            list(tokens),
+            tokens if isinstance(tokens, list) else list(tokens),
             block_size,
             _opt_str(get("medium")),
             _opt_str(get("lora_name")),

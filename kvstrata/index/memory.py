@@ -209,7 +209,7 @@ class MemoryBlockIndex(BlockIndex):
             young = self._young
             old_pop = self._old.pop
             generation = self._generation
-            intern = self._intern
+            share = self._interned.setdefault
             for key in keys:
                 value = young.get(key)
                 if value is None:
@@ -218,7 +218,10 @@ class MemoryBlockIndex(BlockIndex):
                         self._rotate_if_full()
                         young = self._young
                         old_pop = self._old.pop
-                young[key] = intern(value | bits)
+                value |= bits
+                young[key] = share(value, value)
+            if len(self._interned) > _MAX_INTERNED:
+                self._interned = {}  # entries keep their objects; only new sharing starts over
             self.stats.blocks_added += len(keys)
 
     def remove(self, instance: str, tier: str, keys: Sequence[bytes]) -> None:
