@@ -68,6 +68,8 @@ log = logging.getLogger(__name__)
 ATTACH, GET, RELEASE, PUT_BEGIN, PUT_COMMIT = range(5)
 #: Leases one connection may hold at once (requests beyond it are deferred, never queued).
 MAX_LEASES_PER_CONNECTION = p.MAX_KEYS
+#: Staged chunks per PUT_COMMIT: small enough that copying and storing overlap, large enough to amortise.
+_COMMIT_GROUP = 8
 #: Default lease lifetime; a client copies a chunk in milliseconds, so this only catches stalled clients.
 DEFAULT_LEASE_TTL_S = 30.0
 
@@ -571,6 +573,23 @@ class LeaseTransport(TcpTransport):
             commits.append(PutCommitItem(lease=lease, key=item.key, size=data.numel(), meta=_wire_meta(item)))
         if not commits:
             return left
+        # Pipelined: commit each group without waiting, so that the server stores group k while this
+        # side copies group k+1 (replies come back in request order).
+        commit = self.base + PUT_COMMIT
+        sent: list[tuple[int, int, int]] = []
+        for start in range(0, len(commits), _COMMIT_GROUP):
+            end = min(start + _COMMIT_GROUP, len(commits))
+            self._write_many(spans[start:end])
+            sent.append((self._request(commit, PutCommitRequest(items=commits[start:end])), start, end))
+        for rid, start, end in sent:
+            _, done = self._reply(rid, commit)
+            if len(done.results) != end - start:
+                raise ProtocolError(f"{self.address}: PUT_COMMIT reply does not match the request")
+            for i, code in zip(granted[start:end], done.results, strict=True):
+                results[i] = (
+                    p.error_for(p.ErrorReply(code=code, message=f"put of item {i}")) if code else None
+                )
+        return left
         self._write_many(spans)
         commit = self.base + PUT_COMMIT
         rid = self._request(commit, PutCommitRequest(items=commits))
