@@ -55,7 +55,7 @@ def lookup_request(body: bytes, namespace: Namespace, default_block_size: int) -
         req = msgspec.json.decode(body, type=LookupRequest)
     except msgspec.DecodeError as exc:
         raise InvalidArgumentError(f"bad lookup request: {exc}") from exc
-    block_size = req.block_size or default_block_size
+    block_size = req.block_size if req.block_size is not None else default_block_size
     if not 0 < block_size <= 1 << 16:
         raise InvalidArgumentError("block_size must be in [1, 65536]")
     if req.keys is not None:
