@@ -21,16 +21,19 @@ from kvstrata.kernels.dispatch import (
     scatter_layer,
     select_backend,
 )
+from kvstrata.kernels.paged import BlockIds, prepare_block_ids
 
 __all__ = [
     "CODECS",
     "HEADER_BYTES",
+    "BlockIds",
     "ChunkHeader",
     "ChunkSpec",
     "chunk_spec",
     "configure",
     "gather",
     "gather_layer",
+    "prepare_block_ids",
     "read_header",
     "scatter",
     "scatter_layer",

@@ -32,7 +32,7 @@ import torch
 from kvstrata.errors import InvalidArgumentError, KernelError, KVStrataError
 from kvstrata.kernels import reference
 from kvstrata.kernels.codec import HEADER_BYTES, ChunkHeader, ChunkSpec
-from kvstrata.kernels.paged import PagedCaches, as_block_ids, describe_caches
+from kvstrata.kernels.paged import BlockIds, PagedCaches, as_block_ids, describe_caches
 
 if TYPE_CHECKING:
     from kvstrata.config import KernelConfig
@@ -58,7 +58,7 @@ _triton_modules: dict[str, ModuleType] = {}
 _warned_no_triton = False
 
 Caches = torch.Tensor | Sequence[torch.Tensor]
-BlockIds = Sequence[int] | torch.Tensor
+BlockIdsLike = Sequence[int] | torch.Tensor | BlockIds
 
 
 def configure(config: KernelConfig) -> None:
@@ -180,7 +180,7 @@ def read_header(chunk: torch.Tensor | bytes | bytearray | memoryview) -> ChunkHe
 
 def gather(
     caches: Caches,
-    block_ids: BlockIds,
+    block_ids: BlockIdsLike,
     *,
     engine_layout: str,
     codec: str = "none",
@@ -203,7 +203,7 @@ def gather(
 
 def gather_layer(
     cache: torch.Tensor,
-    block_ids: BlockIds,
+    block_ids: BlockIdsLike,
     *,
     layer: int,
     num_layers: int,
@@ -240,7 +240,7 @@ def _checked(
 def scatter(
     chunk: torch.Tensor,
     caches: Caches,
-    block_ids: BlockIds,
+    block_ids: BlockIdsLike,
     *,
     engine_layout: str,
     header: ChunkHeader | None = None,
@@ -261,7 +261,7 @@ def scatter(
 def scatter_layer(
     chunk: torch.Tensor,
     cache: torch.Tensor,
-    block_ids: BlockIds,
+    block_ids: BlockIdsLike,
     *,
     layer: int,
     engine_layout: str,

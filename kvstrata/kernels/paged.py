@@ -18,7 +18,7 @@ from kvstrata.errors import InvalidArgumentError, LayoutError, UnsupportedLayout
 from kvstrata.kernels.codec import KV_DTYPES, QUANTISABLE_DTYPES, ChunkSpec
 from kvstrata.kvstore.layout import ENGINE_LAYOUTS
 
-__all__ = ["PagedCaches", "as_block_ids", "as_layer_list", "describe_caches"]
+__all__ = ["BlockIds", "PagedCaches", "as_block_ids", "as_layer_list", "describe_caches", "prepare_block_ids"]
 
 # Per engine layout: (index of the block dim, index of the K/V dim or None, names of the 5 or 4 dims).
 _DIMS: dict[str, tuple[int, int | None, tuple[str, ...]]] = {
@@ -172,18 +172,49 @@ def describe_caches(caches: torch.Tensor | Sequence[torch.Tensor], engine_layout
     )
 
 
-def as_block_ids(block_ids: Sequence[int] | torch.Tensor, num_engine_blocks: int) -> torch.Tensor:
-    """Block ids as a 1-D int64 tensor, bounds-checked (an id out of range would address foreign memory).
+@dataclass(frozen=True)
+class BlockIds:
+    """Block ids checked once and placed on a device, for reuse across calls (one per layer, say).
 
-    A device tensor is checked too, which costs one synchronisation; pass a list or a CPU tensor on hot
-    paths (the connector has the ids on the host anyway).
+    Made by :func:`prepare_block_ids`; the gather/scatter entry points accept it in place of a list and
+    then only compare ``max_id`` with the cache's block count (no synchronisation, no upload).
     """
+
+    tensor: torch.Tensor
+    max_id: int
+
+    def __len__(self) -> int:
+        return int(self.tensor.numel())
+
+
+def _checked_ids(block_ids: Sequence[int] | torch.Tensor) -> tuple[torch.Tensor, int]:
     ids = torch.as_tensor(block_ids, dtype=torch.int64)
     if ids.dim() != 1 or ids.numel() == 0:
         raise InvalidArgumentError(
             f"block ids must be a non-empty 1-D sequence, got shape {tuple(ids.shape)}"
         )
     lo, hi = int(ids.min()), int(ids.max())
-    if lo < 0 or hi >= num_engine_blocks:
-        raise InvalidArgumentError(f"block ids must lie in 0..{num_engine_blocks - 1}, got {lo}..{hi}")
+    if lo < 0:
+        raise InvalidArgumentError(f"block ids must not be negative, got {lo}")
+    return ids, hi
+
+
+def prepare_block_ids(block_ids: Sequence[int] | torch.Tensor, device: torch.device | str) -> BlockIds:
+    """Check ``block_ids`` once and upload them to ``device`` for reuse (see :class:`BlockIds`)."""
+    ids, hi = _checked_ids(block_ids)
+    return BlockIds(ids.to(device), hi)
+
+
+def as_block_ids(block_ids: Sequence[int] | torch.Tensor | BlockIds, num_engine_blocks: int) -> torch.Tensor:
+    """Block ids as a 1-D int64 tensor, bounds-checked (an id out of range would address foreign memory).
+
+    A device tensor is checked too, which costs one synchronisation; pass a list, a CPU tensor, or a
+    :class:`BlockIds` on hot paths (the connector has the ids on the host anyway).
+    """
+    if isinstance(block_ids, BlockIds):
+        ids, hi = block_ids.tensor, block_ids.max_id
+    else:
+        ids, hi = _checked_ids(block_ids)
+    if hi >= num_engine_blocks:
+        raise InvalidArgumentError(f"block ids must lie in 0..{num_engine_blocks - 1}, got {hi}")
     return ids

@@ -11,6 +11,7 @@ from kvstrata.kernels import (
     chunk_spec,
     gather,
     gather_layer,
+    prepare_block_ids,
     read_header,
     scatter,
     scatter_layer,
@@ -154,9 +155,10 @@ def test_layer_wise_equals_whole_chunk(codec: str, device: torch.device) -> None
     one_by_one = [torch.zeros_like(c) for c in caches]
     at_once = [torch.zeros_like(c) for c in caches]
     header = read_header(whole)
+    targets = prepare_block_ids([0, 1], device)  # checked and uploaded once for every layer
     for layer, cache in enumerate(one_by_one):
         scatter_layer(
-            whole, cache, [0, 1], layer=layer, engine_layout=layout, header=header, backend="triton"
+            whole, cache, targets, layer=layer, engine_layout=layout, header=header, backend="triton"
         )
     scatter(whole, at_once, [0, 1], engine_layout=layout, backend="triton")
     for a, b in zip(one_by_one, at_once, strict=True):
@@ -183,6 +185,12 @@ def test_bad_arguments_raise_typed_errors() -> None:
         gather(caches, [5], engine_layout=layout)  # num_blocks is 5: ids 0..4
     with pytest.raises(InvalidArgumentError):
         gather(caches, [], engine_layout=layout)
+    with pytest.raises(InvalidArgumentError):
+        gather(caches, [-1], engine_layout=layout)
+    with pytest.raises(InvalidArgumentError):
+        gather(caches, prepare_block_ids([0, 5], "cpu"), engine_layout=layout)
+    with pytest.raises(InvalidArgumentError):
+        prepare_block_ids(torch.zeros(2, 2, dtype=torch.int64), "cpu")
     with pytest.raises(LayoutError):
         gather(caches, [0], engine_layout="kv_second_nhd")  # K/V dim is not 2
     with pytest.raises(LayoutError):
