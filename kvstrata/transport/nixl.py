@@ -112,7 +112,7 @@ class NixlServerExtension(ServerExtension):
     def attach(self, store: Any) -> None:
         """Create the agent and register the host pool (when there is one) and the staging slots."""
         self.agent = _new_agent("server")
-        self._staging = torch.zeros(self.staging_slots * self.slot_bytes, dtype=torch.uint8)
+        self._staging = torch.empty(self.staging_slots * self.slot_bytes, dtype=torch.uint8)
         self._register(self._staging)
         host = store.tier("host") if hasattr(store, "tier") else None
         buffer = getattr(host, "buffer", None)
