@@ -13,10 +13,19 @@ import pytest
 from kvstrata.config import IndexConfig
 from kvstrata.errors import IndexUnavailableError
 from kvstrata.index.base import BlockIndex, open_index
-from tests.conftest import RedisServer, free_port
+from tests.conftest import RedisServer, free_port, require
 from tests.index.conformance_index import IndexConformance, make_keys, summary
 
-redis = pytest.importorskip("redis")
+try:
+    import redis
+except ImportError:  # pragma: no cover - redis-py is a dev dependency
+    redis = None
+
+
+@pytest.fixture(autouse=True)
+def _redis_client() -> None:
+    require(redis is not None, "the redis Python client (redis-py)")
+
 
 CONFIG = IndexConfig(lease_ttl_s=600.0, redis_timeout_s=0.5, flush_interval_s=0.002)
 
