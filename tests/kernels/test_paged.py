@@ -18,7 +18,7 @@ from kvstrata.kernels import (
 )
 from tests.kernels.helpers import ALL_LAYOUTS, bits, block_of, make_caches
 
-DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float8_e4m3fn)
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float8_e4m3fn, torch.float8_e5m2, torch.uint8)
 
 
 def _slab(cache: torch.Tensor, layout: str, block: int, kv: int) -> torch.Tensor:
