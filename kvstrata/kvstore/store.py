@@ -577,7 +577,10 @@ class Store:
             for lower in range(index + 1, len(self.tiers)):
                 try:
                     self._store_at(lower, key, handle.data, handle.meta)
-                except (ChunkTooLargeError, TierFullError, TierIOError) as exc:
+                except (ChunkTooLargeError, TierFullError) as exc:
+                    # Not a failure: the tier cannot hold the chunk now (pinned full) or ever (too large).
+                    log.debug("store: write-through to the %s tier skipped: %s", self.tiers[lower].name, exc)
+                except TierIOError as exc:
                     failure = exc
         if failure is not None:
             raise failure
@@ -613,5 +616,9 @@ class Store:
             for victim in victims:
                 try:
                     self._demote(index, victim, must_free=False)
-                except (ChunkTooLargeError, TierFullError, TierIOError) as exc:
+                except (ChunkTooLargeError, TierFullError) as exc:
+                    # The tiers below cannot take it now: keep it; a put that needs the room will drop it.
+                    log.debug("store: demotion out of the %s tier deferred: %s", tier.name, exc)
+                    return
+                except TierIOError as exc:
                     raise StoreError(f"demotion out of the {tier.name} tier failed: {exc}") from exc

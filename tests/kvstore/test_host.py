@@ -98,3 +98,19 @@ def test_put_if_absent_keeps_the_present_value() -> None:
     other = chunk_key(2)
     tier.put(other, pattern(other, SLOT), if_absent=True)
     assert tier.contains(other)
+
+
+def test_counters_are_exported_to_prometheus() -> None:
+    from prometheus_client import REGISTRY
+
+    def sample(name: str) -> float:
+        return REGISTRY.get_sample_value(name, {"tier": "host"}) or 0.0
+
+    before = {n: sample(f"kvstrata_tier_{n}_total") for n in ("hits", "misses", "puts", "evictions")}
+    tier = HostTier(SLOT, SLOT)
+    tier.put(chunk_key(1), b"a")
+    tier.put(chunk_key(2), b"b")  # evicts chunk 1
+    assert tier.get(chunk_key(2)) is not None
+    assert tier.get(chunk_key(1)) is None
+    for name in before:
+        assert sample(f"kvstrata_tier_{name}_total") - before[name] >= 1, name

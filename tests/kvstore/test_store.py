@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from prometheus_client import REGISTRY
 
 from kvstrata.config import StoreConfig
 from kvstrata.errors import ChunkTooLargeError, InvalidArgumentError, StoreError, TierFullError
@@ -246,6 +247,13 @@ def test_pinning_under_concurrent_eviction(stores: list[Store]) -> None:
 def test_a_failing_lower_tier_never_kills_the_workers(stores: list[Store]) -> None:
     lower = FaultyTier(HostTier(8 * SLOT, SLOT))
     store = keep(stores, Store([DeviceTier(2 * SLOT, SLOT, device="cpu"), lower], write_through=True))
+
+    def exported() -> float:
+        kinds = ("copy_down", "demote", "relieve", "promote")
+        name = "kvstrata_store_background_errors_total"
+        return sum(REGISTRY.get_sample_value(name, {"kind": k}) or 0.0 for k in kinds)
+
+    exported_before = exported()
     lower.fail_writes = True
     for i in range(4):  # write-through copies fail in the background; demotions fail synchronously
         key = chunk_key(i)
@@ -253,6 +261,7 @@ def test_a_failing_lower_tier_never_kills_the_workers(stores: list[Store]) -> No
     assert store.flush(timeout=10)
     assert store.background_errors >= 4
     assert lower.stats.errors >= 4, "the failures are counted on the failing tier"
+    assert exported() - exported_before == store.background_errors, "and exported to Prometheus"
     assert store.contains(chunk_key(3)) and len(store.tiers[0]) == 2, (
         "puts went on while the lower tier failed"
     )
