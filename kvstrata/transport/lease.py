@@ -25,6 +25,7 @@ the client may still be writing into it. All lease state lives on the server's e
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from abc import abstractmethod
@@ -219,6 +220,7 @@ class LeaseServer:
         self._per_owner: dict[int, set[int]] = {}
         self._quarantine: dict[int, list[int]] = {}
         self._next_id = 1
+        self._reaper: asyncio.TimerHandle | None = None
         self.counters = {"leases": 0, "expired": 0, "staged_gets": 0, "deferred": 0}
 
     # -- bookkeeping -------------------------------------------------------------------------------
@@ -262,6 +264,22 @@ class LeaseServer:
             log.warning("%d leases expired (a client stalled for over %.0f s)", count, self.lease_ttl_s)
         return count
 
+    def _schedule_reaper(self) -> None:
+        """While leases exist, reap on the event loop every quarter TTL (so a stalled client's pins end
+        even when no other lease request arrives)."""
+        if self._reaper is not None or not self._leases:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # called outside the server's loop (tests): reaping stays lazy
+        self._reaper = loop.call_later(max(self.lease_ttl_s / 4, 0.01), self._reap_tick)
+
+    def _reap_tick(self) -> None:
+        self._reaper = None
+        self.reap()
+        self._schedule_reaper()
+
     def held_by(self, owner: int) -> int:
         """Leases ``owner`` holds now."""
         return len(self._per_owner.get(owner, ()))
@@ -283,6 +301,9 @@ class LeaseServer:
 
     def close(self) -> None:
         """End every lease (at shutdown)."""
+        if self._reaper is not None:
+            self._reaper.cancel()
+            self._reaper = None
         for owner in list(self._per_owner):
             self.owner_closed(owner)
 
@@ -400,6 +421,7 @@ class LeaseServer:
         async def on_get(conn: Any, header: p.Header, meta: LeaseGetRequest) -> None:
             _no_payload(header)
             reply = self.lease_get(id(conn), conn.store, meta.keys)
+            self._schedule_reaper()
             await conn.reply(base + GET, header.request_id, reply)
 
         async def on_release(conn: Any, header: p.Header, meta: ReleaseRequest) -> None:
@@ -408,7 +430,9 @@ class LeaseServer:
 
         async def on_put_begin(conn: Any, header: p.Header, meta: PutBeginRequest) -> None:
             _no_payload(header)
-            await conn.reply(base + PUT_BEGIN, header.request_id, self.put_begin(id(conn), meta.sizes))
+            reply = self.put_begin(id(conn), meta.sizes)
+            self._schedule_reaper()
+            await conn.reply(base + PUT_BEGIN, header.request_id, reply)
 
         async def on_put_commit(conn: Any, header: p.Header, meta: PutCommitRequest) -> None:
             _no_payload(header)

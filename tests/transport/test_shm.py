@@ -277,3 +277,30 @@ def test_segments_of_dead_servers_are_swept() -> None:
         assert not os.path.exists(os.path.join(SHM_DIR, dead))
     finally:
         segment.close()
+
+
+def test_leases_of_a_stalled_client_expire_on_their_own() -> None:
+    import asyncio
+
+    pool = 4096
+    seg = torch.zeros(pool + 4096, dtype=torch.uint8)
+    store = Store([HostTier(pool, 4096, buffer=seg[:pool])])  # one slot
+    try:
+        leases = _lease_server(store, seg, pool, ttl=0.05)
+        key = os.urandom(16)
+        store.put(key, torch.full((4096,), 1, dtype=torch.uint8))
+
+        async def stall() -> None:
+            reply = leases.lease_get(1, store, [key])
+            assert reply.sizes == [4096]
+            leases._schedule_reaper()
+            await asyncio.sleep(0.5)  # no further request from anyone
+
+        asyncio.run(stall())
+        assert leases.active == 0 and leases.counters["expired"] == 1
+        # the chunk is unpinned again: the only slot can be reused
+        other = os.urandom(16)
+        store.put(other, torch.full((4096,), 2, dtype=torch.uint8))
+        assert store.get(key) is None and store.get(other) is not None
+    finally:
+        store.close()
