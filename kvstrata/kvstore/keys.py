@@ -55,11 +55,12 @@ def _u32(n: int) -> bytes:
     return struct.pack("<I", n)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class Namespace:
     """The scope of a key: one model, one KV layout, optionally one tenant.
 
-    ``secret`` (32 bytes) is the BLAKE2b key of every block hash in this namespace.
+    ``secret`` (32 bytes) is the BLAKE2b key of every block hash in this namespace. It and the keyed hash
+    state are computed once per namespace, so hashing a prompt costs only the per-block work.
     """
 
     model_id: str
@@ -69,6 +70,19 @@ class Namespace:
     def __post_init__(self) -> None:
         if len(self.layout_fingerprint) != 16:
             raise InvalidArgumentError("layout_fingerprint must be 16 bytes (KVLayout.fingerprint)")
+        model = self.model_id.encode()
+        material = (
+            _NS_DOMAIN
+            + _u32(len(model))
+            + model
+            + self.layout_fingerprint
+            + _u32(len(self.tenant_salt))
+            + self.tenant_salt
+        )
+        secret = hashlib.blake2b(material, digest_size=32).digest()
+        # A frozen dataclass: derived values are set once, here, and never change.
+        object.__setattr__(self, "_secret", secret)
+        object.__setattr__(self, "_hasher", hashlib.blake2b(key=secret, digest_size=KEY_BYTES))
 
     @classmethod
     def for_layout(cls, model_id: str, layout: KVLayout, tenant_salt: bytes | str = b"") -> Namespace:
@@ -79,16 +93,11 @@ class Namespace:
     @property
     def secret(self) -> bytes:
         """The 32-byte hash key: BLAKE2b-256 over the domain, the model id, the fingerprint, the salt."""
-        model = self.model_id.encode()
-        material = (
-            _NS_DOMAIN
-            + _u32(len(model))
-            + model
-            + self.layout_fingerprint
-            + _u32(len(self.tenant_salt))
-            + self.tenant_salt
-        )
-        return hashlib.blake2b(material, digest_size=32).digest()
+        return typing.cast(bytes, self.__dict__["_secret"])
+
+    def hasher(self) -> Any:
+        """A fresh BLAKE2b-128 state keyed with :attr:`secret` (a copy of a state keyed once)."""
+        return self.__dict__["_hasher"].copy()
 
     @property
     def id(self) -> bytes:
@@ -171,7 +180,7 @@ def block_keys(
     if block_extra_keys is not None and len(block_extra_keys) < num_blocks:
         raise InvalidArgumentError("block_extra_keys must have an entry for every full block")
     common = encode_extra_keys(extra_keys)
-    base = hashlib.blake2b(key=namespace.secret, digest_size=KEY_BYTES)
+    base = namespace.hasher()
     view = memoryview(data)
     out: list[bytes] = []
     append = out.append
