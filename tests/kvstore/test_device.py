@@ -39,6 +39,7 @@ def test_cuda_without_cuda_is_a_typed_error() -> None:
         DeviceTier(4 * SLOT, SLOT, device="cuda")
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_pool_round_trip_from_and_to_host() -> None:
     tier = DeviceTier(4 * SLOT, SLOT, device="cuda")
@@ -50,3 +51,23 @@ def test_cuda_pool_round_trip_from_and_to_host() -> None:
     assert got is not None and torch.equal(out, data)
     on_device = tier.get(key)
     assert on_device is not None and on_device.is_cuda and torch.equal(on_device.cpu(), data)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_pinned_host_tier_feeds_a_device_tier() -> None:
+    from kvstrata.kvstore.host import HostTier
+    from kvstrata.kvstore.store import Store
+
+    host = HostTier(8 * SLOT, SLOT)  # page-locked lazily when CUDA is present
+    assert host._pool.pinned
+    store = Store([DeviceTier(2 * SLOT, SLOT, device="cuda"), host], high_watermark=1.0, low_watermark=1.0)
+    try:
+        keys = [chunk_key(i) for i in range(6)]
+        for key in keys:
+            store.put(key, pattern(key, SLOT))
+        assert host.contains(keys[0]), "device victims were demoted into the pinned host pool"
+        got = store.get(keys[0], out=torch.empty(SLOT, dtype=torch.uint8))
+        assert got is not None and torch.equal(got, pattern(keys[0], SLOT))
+    finally:
+        store.close()
