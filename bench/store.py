@@ -285,7 +285,7 @@ def bench_disk() -> None:
                 os.makedirs(plain_dir)
                 paths = [os.path.join(plain_dir, f"{i}.bin") for i in range(count)]
                 tier = DiskTier(os.path.join(root, f"tier-{tag}"), 2 * count * (size + 8192), fsync=fsync)
-                extra: dict[str, object] = {"checksum": tier.checksum, "chunks": count}
+                extra: dict[str, object] = {"checksum": tier.checksum_algorithm, "chunks": count}
                 try:
                     writes = (
                         partial(plain_write, paths, chunks, fsync),
@@ -294,7 +294,7 @@ def bench_disk() -> None:
                     for fn in writes:
                         fn()  # first write of every file, untimed: the timed rounds replace chunks
                     compare(f"disk_write_{tag}", nbytes, *writes, rounds, extra)
-                    log(f"disk {tag}: {count} chunks per round, checksum {tier.checksum}")
+                    log(f"disk {tag}: {count} chunks per round, checksum {tier.checksum_algorithm}")
                     if fsync:
                         continue  # reads do not depend on the fsync policy
                     reads = (partial(plain_read, paths, out), partial(tier_read, tier, keys, out))

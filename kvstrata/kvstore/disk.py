@@ -47,13 +47,10 @@ import fcntl
 import logging
 import os
 import re
-import struct
 import threading
-import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -63,6 +60,15 @@ from kvstrata.errors import (
     StoreError,
     TierFullError,
     TierIOError,
+)
+from kvstrata.kvstore.diskformat import (
+    MAX_HEADER_BYTES,
+    Hasher,
+    checksum,
+    checksum_name,
+    decode_header,
+    default_checksum,
+    encode_header,
 )
 from kvstrata.kvstore.eviction import make_policy
 from kvstrata.kvstore.keys import KEY_BYTES
@@ -76,41 +82,10 @@ from kvstrata.kvstore.tier import (
     check_key,
 )
 
-_xxhash: Any
-try:  # optional: a much faster checksum than CRC-32
-    import xxhash as _xxhash
-except ImportError:  # pragma: no cover - depends on the environment
-    _xxhash = None
-
-__all__ = [
-    "CHECKSUM_CRC32",
-    "CHECKSUM_XXH3",
-    "FORMAT_VERSION",
-    "HEADER_ALIGN",
-    "MAGIC",
-    "DiskTier",
-    "RecoveryReport",
-    "decode_header",
-    "encode_header",
-]
+__all__ = ["DiskTier", "RecoveryReport"]
 
 log = logging.getLogger(__name__)
 
-#: First 8 bytes of every chunk file.
-MAGIC = b"KVSCHUNK"
-#: Version of the file format (docs/disk-format.md); files of another version are dropped at start-up.
-FORMAT_VERSION = 1
-#: Checksum algorithm ids stored in the header.
-CHECKSUM_CRC32 = 1
-CHECKSUM_XXH3 = 2
-#: The header is zero-padded to a multiple of this, so the payload starts page-aligned.
-HEADER_ALIGN = 4096
-#: Bound on the header (hence on the block keys of one chunk), checked before anything is allocated.
-MAX_HEADER_BYTES = 1024 * 1024
-#: magic, version, checksum id, fingerprint length, header length, key, fingerprint, codec, payload length,
-#: payload checksum, tokens, block-key count, header checksum, reserved — 128 bytes, little-endian.
-_FIXED = struct.Struct("<8sHBBI16s16s16sQQIIQ32x")
-_HEADER_SUM_AT = 88  # the header checksum covers bytes [0, 88) and the block keys
 #: Reads are checksummed piece by piece while the piece is still in the CPU cache (the L3 of a server CPU
 #: holds a few MiB; a smaller piece costs more system calls than it saves in cache misses).
 _READ_PIECE = 4 * 1024 * 1024
@@ -121,138 +96,19 @@ _SUBDIR_NAME = re.compile(r"^[0-9a-f]{2}$")
 _FULL_RETRIES = 8
 
 
-def _available_checksums() -> frozenset[int]:
-    return frozenset({CHECKSUM_CRC32} | ({CHECKSUM_XXH3} if _xxhash is not None else set()))
-
-
-class _Hasher:
-    """Incremental checksum of one algorithm, as a 64-bit integer."""
-
-    __slots__ = ("_crc", "_xxh")
-
-    def __init__(self, algorithm: int) -> None:
-        self._crc = 0
-        self._xxh = _xxhash.xxh3_64() if algorithm == CHECKSUM_XXH3 and _xxhash is not None else None
-
-    def update(self, data: memoryview | bytes) -> None:
-        if self._xxh is not None:
-            self._xxh.update(data)
-        else:
-            self._crc = zlib.crc32(data, self._crc)
-
-    def value(self) -> int:
-        return self._xxh.intdigest() if self._xxh is not None else self._crc
-
-
-def _checksum(algorithm: int, *parts: memoryview | bytes) -> int:
-    hasher = _Hasher(algorithm)
-    for part in parts:
-        hasher.update(part)
-    return hasher.value()
-
-
-def encode_header(key: bytes, meta: ChunkMeta, payload_len: int, payload_sum: int, algorithm: int) -> bytes:
-    """The header of a chunk file, padded to :data:`HEADER_ALIGN` (see docs/disk-format.md)."""
-    fingerprint = meta.fingerprint
-    codec = meta.codec.encode("ascii", "strict") if meta.codec.isascii() else b"\xff" * 17
-    if len(fingerprint) > 16:
-        raise InvalidArgumentError(f"a layout fingerprint is at most 16 bytes, got {len(fingerprint)}")
-    if len(codec) > 16:
-        raise InvalidArgumentError(f"a codec name is at most 16 ASCII characters, got {meta.codec!r}")
-    if not 0 <= meta.num_tokens < 2**32:
-        raise InvalidArgumentError(f"num_tokens out of range: {meta.num_tokens}")
-    if any(len(b) != KEY_BYTES for b in meta.block_keys):
-        raise InvalidArgumentError(f"block keys are {KEY_BYTES} bytes each")
-    blocks = b"".join(meta.block_keys)
-    header_len = -(-(_FIXED.size + len(blocks)) // HEADER_ALIGN) * HEADER_ALIGN
-    if header_len > MAX_HEADER_BYTES:
-        raise InvalidArgumentError(f"too many block keys for one chunk: {len(meta.block_keys)}")
-    fixed = bytearray(
-        _FIXED.pack(
-            MAGIC,
-            FORMAT_VERSION,
-            algorithm,
-            len(fingerprint),
-            header_len,
-            key,
-            fingerprint,
-            codec,
-            payload_len,
-            payload_sum,
-            meta.num_tokens,
-            len(meta.block_keys),
-            0,
-        )
-    )
-    header_sum = _checksum(algorithm, memoryview(fixed)[:_HEADER_SUM_AT], blocks)
-    struct.pack_into("<Q", fixed, _HEADER_SUM_AT, header_sum)
-    return bytes(fixed) + blocks + bytes(header_len - _FIXED.size - len(blocks))
-
-
-@dataclass(frozen=True, slots=True)
-class _Header:
-    key: bytes
-    meta: ChunkMeta
-    header_len: int
-    payload_len: int
-    payload_sum: int
-    algorithm: int
-
-
-def decode_header(read: Callable[[int, int], bytes]) -> _Header:
-    """Parse and verify a header; ``read(offset, length)`` returns bytes of the file (maybe fewer).
-
-    Raises :class:`ValueError` when the header is truncated, of another format or version, or corrupt.
-    """
-    fixed = read(0, _FIXED.size)
-    if len(fixed) < _FIXED.size:
-        raise ValueError("truncated header")
-    (magic, version, algorithm, fp_len, header_len, key, fingerprint, codec, payload_len, payload_sum,
-     num_tokens, num_blocks, header_sum) = _FIXED.unpack(fixed)  # fmt: skip
-    if magic != MAGIC:
-        raise ValueError("not a kvstrata chunk file")
-    if version != FORMAT_VERSION:
-        raise ValueError(f"format version {version}, this build reads {FORMAT_VERSION}")
-    if algorithm not in _available_checksums():
-        raise ValueError(f"checksum algorithm {algorithm} is unknown or unavailable")
-    blocks_len = num_blocks * KEY_BYTES
-    if (
-        fp_len > 16
-        or header_len % HEADER_ALIGN
-        or not _FIXED.size + blocks_len <= header_len <= MAX_HEADER_BYTES
-    ):
-        raise ValueError("header lengths out of range")
-    blocks = read(_FIXED.size, blocks_len) if blocks_len else b""
-    if len(blocks) < blocks_len:
-        raise ValueError("truncated header")
-    if _checksum(algorithm, fixed[:_HEADER_SUM_AT], blocks) != header_sum:
-        raise ValueError("header checksum mismatch")
-    try:
-        codec_name = codec.rstrip(b"\x00").decode("ascii")
-    except UnicodeDecodeError as exc:
-        raise ValueError("codec name is not ASCII") from exc
-    meta = ChunkMeta(
-        block_keys=tuple(blocks[i : i + KEY_BYTES] for i in range(0, blocks_len, KEY_BYTES)),
-        fingerprint=fingerprint[:fp_len],
-        codec=codec_name,
-        num_tokens=num_tokens,
-    )
-    return _Header(key, meta, header_len, payload_len, payload_sum, algorithm)
-
-
 class _Entry:
     """One stored chunk in the catalog."""
 
     __slots__ = ("algorithm", "charge", "header_len", "length", "meta", "path", "pins", "sum")
 
     def __init__(
-        self, path: str, meta: ChunkMeta, header_len: int, length: int, checksum: int, algorithm: int
+        self, path: str, meta: ChunkMeta, header_len: int, length: int, payload_sum: int, algorithm: int
     ):
         self.path = path
         self.meta = meta
         self.header_len = header_len
         self.length = length
-        self.sum = checksum
+        self.sum = payload_sum
         self.algorithm = algorithm
         self.charge = header_len + length
         self.pins = 0
@@ -294,7 +150,7 @@ class DiskTier(Tier):
         self._capacity = int(capacity_bytes)
         self._fsync = fsync
         self._policy = make_policy(policy)
-        self._algorithm = CHECKSUM_XXH3 if _xxhash is not None else CHECKSUM_CRC32
+        self._algorithm = default_checksum()
         self._lock = threading.Lock()
         self._entries: dict[bytes, _Entry] = {}
         self._used = 0  # bytes of the committed files
@@ -489,13 +345,13 @@ class DiskTier(Tier):
         """
         length = entry.length
         if length == 0:
-            return _checksum(entry.algorithm, b"") == entry.sum
+            return checksum(entry.algorithm, b"") == entry.sum
         view = memoryview(dst.numpy())  # type: ignore[arg-type]
-        if length <= _READ_PIECE and entry.algorithm == CHECKSUM_XXH3 and _xxhash is not None:
+        if length <= _READ_PIECE:
             got = os.preadv(fd, [view], entry.header_len)
             # A short read means the file is shorter than its header says: truncated.
-            return got == length and _xxhash.xxh3_64_intdigest(view) == entry.sum
-        hasher = _Hasher(entry.algorithm)
+            return got == length and checksum(entry.algorithm, view) == entry.sum
+        hasher = Hasher(entry.algorithm)
         pos = 0
         while pos < length:
             piece = view[pos : pos + _READ_PIECE]
@@ -515,8 +371,8 @@ class DiskTier(Tier):
             src = src.cpu()  # the file API needs host memory
         length = src.numel()
         payload = src.numpy().data.cast("B") if length else memoryview(b"")
-        checksum = _checksum(self._algorithm, payload)
-        header = encode_header(key, meta, length, checksum, self._algorithm)
+        payload_sum = checksum(self._algorithm, payload)
+        header = encode_header(key, meta, length, payload_sum, self._algorithm)
         charge = len(header) + length
         if charge > self._capacity:
             raise ChunkTooLargeError(f"a {length}-byte chunk exceeds the disk tier ({self._capacity} bytes)")
@@ -535,7 +391,7 @@ class DiskTier(Tier):
                     self._count("errors")
                     raise TierIOError(f"cannot create a disk tier directory: {exc}") from exc
             fd = self._write_with_retries(tmp, header, payload, charge, evict, evicted)
-            entry = _Entry(self._path(key), meta, len(header), length, checksum, self._algorithm)
+            entry = _Entry(self._path(key), meta, len(header), length, payload_sum, self._algorithm)
             try:
                 self._commit(key, tmp, entry)
             except BaseException:
@@ -805,9 +661,9 @@ class DiskTier(Tier):
         return len(encode_header(bytes(KEY_BYTES), meta, payload_len, 0, self._algorithm)) + payload_len
 
     @property
-    def checksum(self) -> str:
+    def checksum_algorithm(self) -> str:
         """The checksum new files get: ``"xxh3-64"`` (with the xxhash package) or ``"crc32"``."""
-        return "xxh3-64" if self._algorithm == CHECKSUM_XXH3 else "crc32"
+        return checksum_name(self._algorithm)
 
     @property
     def directory(self) -> Path:

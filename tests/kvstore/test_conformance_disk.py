@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kvstrata.kvstore.disk import HEADER_ALIGN, DiskTier
+from kvstrata.kvstore.disk import DiskTier
+from kvstrata.kvstore.diskformat import HEADER_ALIGN
 from kvstrata.kvstore.tier import Tier
 from tests.kvstore.conformance_tier import TierConformance
 from tests.kvstore.faulty import FaultyTierConformance

@@ -15,8 +15,10 @@ import pytest
 import torch
 
 import kvstrata.kvstore.disk as disk
+import kvstrata.kvstore.diskformat as diskformat
 from kvstrata.errors import ChunkTooLargeError, StoreError, TierFullError
-from kvstrata.kvstore.disk import HEADER_ALIGN, MAGIC, DiskTier, decode_header, encode_header
+from kvstrata.kvstore.disk import DiskTier
+from kvstrata.kvstore.diskformat import HEADER_ALIGN, MAGIC, decode_header, encode_header
 from kvstrata.kvstore.tier import ChunkMeta, TierEvent
 from tests.conftest import require
 from tests.kvstore.conformance_tier import check_stamped, chunk_key, meta_for, pattern, stamped
@@ -251,7 +253,7 @@ def test_payload_damage_survives_startup_but_is_caught_on_read(tier_dir: Path) -
 def test_header_round_trip_and_bounds() -> None:
     key = chunk_key(1)
     meta = meta_for(key, 16)
-    header = encode_header(key, meta, 12345, 0xDEADBEEF, disk.CHECKSUM_CRC32)
+    header = encode_header(key, meta, 12345, 0xDEADBEEF, diskformat.CHECKSUM_CRC32)
     assert len(header) == HEADER_ALIGN and header[:8] == MAGIC
     decoded = decode_header(lambda off, n: header[off : off + n])
     assert (decoded.key, decoded.meta, decoded.payload_len, decoded.payload_sum) == (
@@ -261,7 +263,7 @@ def test_header_round_trip_and_bounds() -> None:
         0xDEADBEEF,
     )
     many = ChunkMeta(block_keys=tuple(chunk_key(i) for i in range(300)))
-    assert len(encode_header(key, many, 0, 0, disk.CHECKSUM_CRC32)) == 2 * HEADER_ALIGN
+    assert len(encode_header(key, many, 0, 0, diskformat.CHECKSUM_CRC32)) == 2 * HEADER_ALIGN
     future = bytearray(header)
     future[8] = 2  # format version 2
     with pytest.raises(ValueError, match="version"):
@@ -269,7 +271,7 @@ def test_header_round_trip_and_bounds() -> None:
 
 
 def test_crc32_files_are_read_by_any_build(tier_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(disk, "_xxhash", None)  # a build without the optional xxhash package
+    monkeypatch.setattr(diskformat, "_xxhash", None)  # a build without the optional xxhash package
     tier = DiskTier(tier_dir, 16 * CHUNK)
     keys = fill(tier, 2)
     path = tier.path_of(keys[0])
