@@ -288,8 +288,10 @@ class Store:
         # No other tier may keep an older value: a higher one (passed over, e.g. pinned full) would shadow
         # the new value on reads, and demotion skips the copy when a lower one already holds the key.
         # (With write-through the background copy then writes the new value down again.)
+        # A remote tier is skipped: its contains() is a network round trip on every put, and it is shared
+        # between instances, whose puts of a key (a digest of the tokens and the layout) are the same KV.
         for index, tier in enumerate(self.tiers):
-            if index != landed and tier.contains(key):
+            if index != landed and tier.name != "remote" and tier.contains(key):
                 tier.remove(key)
         if self.write_through and lower:
             self._submit(_Job("copy_down", key, landed), run_if_full=True)
