@@ -7,8 +7,9 @@ Call order and semantics
   lost while a lower tier has room) and only then dropped. A tier whose every chunk is pinned, which is
   too small for the chunk, or whose medium fails is passed over for the next one down; when no tier takes
   the chunk the last error is raised (:class:`TierFullError`, :class:`ChunkTooLargeError`,
-  :class:`TierIOError`). Copies of the key in lower tiers are dropped, so a lower copy is never stale.
-  With ``write_through`` the chunk is also copied to every lower tier in the background.
+  :class:`TierIOError`). Older copies of the key in the other tiers are dropped (a remote tier, shared
+  and a round trip away, is left alone). With ``write_through`` the chunk is also copied to every lower
+  tier in the background.
 - ``get(key, out)`` searches top-down; a hit in a lower tier is promoted to the top tier (at once when the
   top tier has a free slot, else in the background). ``None`` means a miss in every tier, and only that: a
   tier whose medium fails is logged, counted and skipped.
@@ -19,8 +20,13 @@ Call order and semantics
 - Background work (write-through copies, promotions, and demotion that keeps each tier under its
   ``high_watermark``, down to ``low_watermark``) runs on ``demotion_workers`` threads fed by one bounded
   queue. A write-through copy that finds the queue full runs on the caller's thread (back-pressure); a
-  promotion or watermark demotion that finds it full is skipped. A failing item is logged and counted
-  (``background_errors``, and ``errors`` of the tier that failed); the worker goes on.
+  promotion or watermark demotion that finds it full is skipped. An item whose medium fails is logged
+  and counted (``background_errors``, Prometheus ``kvstrata_store_background_errors_total``, and the
+  failing tier's own ``errors``); the worker goes on. A lower tier that is merely full of pinned chunks
+  is not an error: the copy or demotion is skipped (a put that needs the room still drops its victim,
+  and counts that as an error since the chunk is lost).
+- Promotion keeps the chunk in the lower tier as well (inclusive), so demoting it again costs no copy,
+  and never replaces a newer value of the key stored in the top tier meanwhile.
 - ``subscribe(listener)`` receives the events of every tier. ``flush()`` waits until background work is
   idle; ``close()`` flushes, stops the workers and closes the tiers.
 
