@@ -479,18 +479,21 @@ class CacheServer:
             if header.is_reply:
                 await conn.error(header.request_id, "protocol", "a reply frame sent to the server")
                 return
+            handler = self._handlers.get(header.opcode)
+            self.counters["requests"] += 1
+            _REQUESTS.labels(op=_op_name(header.opcode)).inc()
+            if handler is None:
+                # A well-framed request for an opcode this server does not offer (an extension that is
+                # not loaded): its lengths are valid, so skip it and stay in sync.
+                await conn.recv_exact(memoryview(bytearray(header.meta_len)))
+                await conn.skip_payload()
+                await conn.error(header.request_id, "unsupported", f"opcode 0x{header.opcode:02x}")
+                continue
             try:
                 meta = await conn.read_meta(header)
             except ProtocolError as exc:
                 await conn.error(header.request_id, "protocol", str(exc))
                 return
-            handler = self._handlers.get(header.opcode)
-            self.counters["requests"] += 1
-            _REQUESTS.labels(op=_op_name(header.opcode)).inc()
-            if handler is None:
-                await conn.skip_payload()
-                await conn.error(header.request_id, "unsupported", f"opcode 0x{header.opcode:02x}")
-                continue
             try:
                 await handler(conn, header, meta)
             except ProtocolError as exc:

@@ -32,6 +32,7 @@ class InProcessServer:
         self.server: CacheServer | None = None
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._error: BaseException | None = None
+        self._stopped = False
 
     def _run(self) -> None:
         async def main() -> None:
@@ -62,6 +63,9 @@ class InProcessServer:
         return self
 
     def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._stop.set)
             self._thread.join(10)
