@@ -1,0 +1,216 @@
+"""The Python client and the tcp transport against real servers (in-process, real sockets): several
+servers, outages, timeouts, out buffers, corrupt replies, URLs and the transport registry."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+
+import pytest
+import torch
+
+from kvstrata.client import AsyncClient, Client
+from kvstrata.errors import (
+    ConnectError,
+    InvalidArgumentError,
+    RequestTimeoutError,
+)
+from kvstrata.kvstore.keys import ChunkKey
+from kvstrata.transport import protocol as p
+from kvstrata.transport.base import (
+    DEFAULT_PORT,
+    parse_url,
+    register_transport,
+    server_extension_class,
+    transport_class,
+)
+from kvstrata.transport.tcp import TcpTransport
+from tests.kvstore.conformance_tier import chunk_key, pattern
+from tests.transport.servers import InProcessServer
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def test_urls_and_registry() -> None:
+    assert parse_url("kvs://10.0.0.1:7480").port == 7480
+    assert parse_url("127.0.0.1").port == DEFAULT_PORT
+    assert parse_url("kvs+shm://host").scheme == "kvs+shm"
+    assert parse_url("kvs://[::1]:9").url == "kvs://[::1]:9"
+    for bad in ("http://x:1", "kvs://", "kvs://h:1/path", "", "kvs://h:99999"):
+        with pytest.raises(InvalidArgumentError):
+            parse_url(bad)
+    assert transport_class("kvs") is TcpTransport
+    assert server_extension_class("tcp") is None
+    register_transport("kvs+test", "kvstrata.transport.nonexistent:Nope")
+    with pytest.raises(InvalidArgumentError, match="not available"):
+        transport_class("kvs+test")
+    with pytest.raises(InvalidArgumentError):
+        server_extension_class("carrier-pigeon")
+
+
+def test_get_into_out_buffers_and_meta_of_chunk_keys() -> None:
+    with InProcessServer() as srv, Client(srv.url) as client:
+        raw = chunk_key(1)
+        ck = ChunkKey(raw, (chunk_key(0), raw), 0)
+        data = pattern(raw, 3000)
+        client.put(ck, data)
+        assert srv.store.get_meta(raw).block_keys == (chunk_key(0), raw)
+        buf = bytearray(4000)
+        got = client.get(raw, out=buf)
+        assert got is not None and got.numel() == 3000 and bytes(buf[:3000]) == data.numpy().tobytes()
+        with pytest.raises(InvalidArgumentError):
+            client.get(raw, out=torch.empty(2999, dtype=torch.uint8))
+        assert client.get(raw) is not None, "the connection stays usable after a refused out"
+        with pytest.raises(InvalidArgumentError):
+            client.put(chunk_key(2), torch.zeros(8, 8).t())
+        with pytest.raises(InvalidArgumentError):
+            client.get(b"short")
+
+
+def test_several_servers_spread_keys_and_skip_a_dead_one() -> None:
+    first, second = InProcessServer().start(), InProcessServer().start()
+    try:
+        client = Client([first.url, second.url], timeout=2, retry_backoff=0.05)
+        keys = [chunk_key(i, b"spread") for i in range(40)]
+        client.put_many(keys, [pattern(k, 100) for k in keys])
+        on_first = [k for k in keys if first.store.contains(k)]
+        on_second = [k for k in keys if second.store.contains(k)]
+        assert on_first and on_second and len(on_first) + len(on_second) == len(keys)
+        assert client.exists(keys) == [True] * len(keys)
+        assert client.lookup_prefix(keys).num_chunks == len(keys)
+        assert {s["server"]["connections"] for s in client.stats().values()} == {1}
+        # Same placement from another client (rendezvous hashing is stable).
+        other = Client([second.url, first.url])
+        assert all(g is not None for g in other.get_many(on_first[:3]))
+        other.close()
+        second.stop()
+        got = client.get_many(keys)
+        assert all(got[keys.index(k)] is None for k in on_second), "keys of the dead server are misses"
+        assert all(torch.equal(got[keys.index(k)], pattern(k, 100)) for k in on_first)  # type: ignore[arg-type]
+        client.put(on_second[0], b"rerouted")  # goes to the next server in rendezvous order
+        assert first.store.contains(on_second[0])
+        client.close()
+    finally:
+        first.stop()
+        second.stop()
+
+
+def test_single_server_down_raises_and_backs_off() -> None:
+    srv = InProcessServer().start()
+    url = srv.url
+    srv.stop()
+    client = Client(url, timeout=1, retry_backoff=5)
+    with pytest.raises(ConnectError, match="cannot connect"):
+        client.get(chunk_key(1))
+    start = time.monotonic()
+    with pytest.raises(ConnectError, match="is down"):
+        client.get(chunk_key(1))
+    assert time.monotonic() - start < 0.5, "a server in back-off fails fast"
+    client.close()
+
+
+def _silent_server(greet: bool) -> tuple[socket.socket, threading.Thread]:
+    listener = socket.create_server(("127.0.0.1", 0))
+    conns: list[socket.socket] = []
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        conns.append(conn)
+        if greet:
+            meta = p.encode_meta(p.ServerHello(version=p.PROTOCOL_VERSION, max_payload=1 << 20))
+            conn.sendall(p.pack_header(p.Op.HELLO, 0, len(meta), flags=p.Flag.REPLY) + meta)
+            hello = conn.recv(4096)
+            reply = p.encode_meta(p.HelloReply())
+            rid = p.parse_header(hello[:32], 1 << 20).request_id
+            conn.sendall(p.pack_header(p.Op.HELLO, rid, len(reply), flags=p.Flag.REPLY) + reply)
+        time.sleep(3)
+        conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return listener, thread
+
+
+@pytest.mark.parametrize("greet", [False, True])
+def test_timeouts_are_typed_and_bounded(greet: bool) -> None:
+    listener, _thread = _silent_server(greet)
+    client = Client(f"kvs://127.0.0.1:{listener.getsockname()[1]}", timeout=0.5)
+    start = time.monotonic()
+    with pytest.raises(RequestTimeoutError):
+        client.get(chunk_key(1))
+    assert time.monotonic() - start < 2.5
+    client.close()
+    listener.close()
+
+
+def test_corrupt_reply_is_a_miss_never_wrong_bytes() -> None:
+    """A peer that sends a chunk whose bytes do not match their checksum."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        meta = p.encode_meta(p.ServerHello(version=p.PROTOCOL_VERSION, max_payload=1 << 20))
+        conn.sendall(p.pack_header(p.Op.HELLO, 0, len(meta), flags=p.Flag.REPLY) + meta)
+        rid = p.parse_header(conn.recv(4096)[:32], 1 << 20).request_id
+        reply = p.encode_meta(p.HelloReply())
+        conn.sendall(p.pack_header(p.Op.HELLO, rid, len(reply), flags=p.Flag.REPLY) + reply)
+        rid = p.parse_header(conn.recv(4096)[:32], 1 << 20).request_id
+        payload = b"A" * 100
+        meta = p.encode_meta(p.GetManyReply(sizes=[100], checksums=[p.checksum(payload) ^ 0xFF]))
+        flags = p.Flag.REPLY | p.Flag.CHECKSUM
+        conn.sendall(p.pack_header(p.Op.GET_MANY, rid, len(meta), 100, flags=flags) + meta + payload)
+        time.sleep(0.5)
+        conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    client = Client(f"kvs://127.0.0.1:{listener.getsockname()[1]}", timeout=2)
+    assert client.get(chunk_key(1)) is None
+    client.close()
+    thread.join()
+    listener.close()
+
+
+def test_concurrent_threads_share_the_pool() -> None:
+    with InProcessServer() as srv, Client(srv.url, pool_size=2) as client:
+        errors: list[BaseException] = []
+
+        def work(seed: int) -> None:
+            try:
+                for i in range(30):
+                    key = chunk_key(seed * 100 + i, b"threads")
+                    client.put(key, pattern(key, 2048))
+                    got = client.get(key)
+                    assert got is not None and torch.equal(got, pattern(key, 2048))
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work, args=(s,)) for s in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert not errors, errors[0]
+        assert srv.server is not None and srv.server.counters["connections_total"] <= 4
+
+
+def test_async_client_round_trip() -> None:
+    with InProcessServer() as srv:
+
+        async def main() -> None:
+            async with AsyncClient(srv.url) as client:
+                keys = [chunk_key(i, b"async") for i in range(8)]
+                await asyncio.gather(*(client.put(k, pattern(k, 1000)) for k in keys))
+                got = await client.get_many(keys)
+                assert all(
+                    g is not None and torch.equal(g, pattern(k, 1000)) for g, k in zip(got, keys, strict=True)
+                )
+                assert await client.exists(keys[:2]) == [True, True]
+                assert (await client.lookup_prefix(keys)).num_chunks == 8
+                assert await client.delete(keys[:1]) == 1
+                assert await client.get(keys[0]) is None
+                assert list(await client.ping()) == [srv.url]
+
+        asyncio.run(main())
