@@ -270,6 +270,31 @@ def test_header_round_trip_and_bounds() -> None:
         decode_header(lambda off, n: bytes(future[off : off + n]))
 
 
+VECTOR_HEAD = bytes.fromhex(
+    "4b56534348554e4b0100011000100000"
+    "000102030405060708090a0b0c0d0e0f"
+    "11111111111111111111111111111111"
+    "696e7438000000000000000000000000"
+    "0004000000000000264c0bb700000000"
+    "2000000002000000de51c26700000000" + "00" * 32 + "aa" * 16 + "000102030405060708090a0b0c0d0e0f"
+)
+
+
+def test_header_test_vector_of_the_spec() -> None:
+    key = bytes(range(16))
+    payload = bytes(range(256)) * 4
+    meta = ChunkMeta(block_keys=(b"\xaa" * 16, key), fingerprint=b"\x11" * 16, codec="int8", num_tokens=32)
+    crc = diskformat.checksum(diskformat.CHECKSUM_CRC32, payload)
+    assert crc == 0xB70B4C26
+    header = encode_header(key, meta, len(payload), crc, diskformat.CHECKSUM_CRC32)
+    assert header[:160] == VECTOR_HEAD and header[160:] == bytes(HEADER_ALIGN - 160)
+    if diskformat.CHECKSUM_XXH3 in diskformat.available_checksums():
+        xxh = diskformat.checksum(diskformat.CHECKSUM_XXH3, payload)
+        assert xxh == 0xA870F92984398D22
+        header = encode_header(key, meta, len(payload), xxh, diskformat.CHECKSUM_XXH3)
+        assert header[88:96] == (0xCD22069B577B836D).to_bytes(8, "little")
+
+
 def test_crc32_files_are_read_by_any_build(tier_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(diskformat, "_xxhash", None)  # a build without the optional xxhash package
     tier = DiskTier(tier_dir, 16 * CHUNK)
@@ -332,13 +357,11 @@ def test_writer_killed_mid_write_leaves_no_partial_chunk(tier_dir: Path) -> None
     size = 8 * 1024 * 1024
     all_committed: set[bytes] = set()
     mid_write = False
-    for _ in range(3):  # the kill lands mid-write almost always; retry the rare miss
+    attempts = 0
+    while attempts < 3 and not mid_write:  # the kill lands mid-write almost always; retry the rare miss
+        attempts += 1
         committed, mid_write = _kill_mid_write(tier_dir, size)
         all_committed |= set(committed)
-        if mid_write:
-            break
-        tier = DiskTier(tier_dir, 1 << 30)
-        tier.close()
     assert mid_write, "the writer was never caught mid-write"
     tier = DiskTier(tier_dir, 1 << 30)
     try:
@@ -346,8 +369,8 @@ def test_writer_killed_mid_write_leaves_no_partial_chunk(tier_dir: Path) -> None
         assert temp_files(tier_dir) == []
         keys = set(tier.keys())
         assert all_committed <= keys, "every chunk whose put returned survives"
-        # The chunk being written when the process died is absent or whole, never partial.
-        assert len(keys - all_committed) <= 1
+        # A chunk renamed just before the kill, before its key was printed, may be there too (whole).
+        assert len(keys - all_committed) <= attempts
         for key in keys:
             got = tier.get(key)
             assert got is not None and got.numel() == size
