@@ -28,7 +28,7 @@ from kvstrata.transport.base import (
 )
 from kvstrata.transport.tcp import TcpTransport
 from tests.kvstore.conformance_tier import chunk_key, pattern
-from tests.transport.servers import InProcessServer
+from tests.transport.servers import InProcessServer, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -193,7 +193,9 @@ def test_concurrent_threads_share_the_pool() -> None:
         for t in threads:
             t.join(30)
         assert not errors, errors[0]
-        assert srv.server is not None and srv.server.counters["connections_total"] <= 4
+        assert srv.server is not None
+        # Busy threads may open extra connections; only pool_size of them are kept afterwards.
+        assert wait_until(lambda: srv.server is not None and srv.server.counters["connections"] <= 2)
 
 
 def test_async_client_round_trip() -> None:
