@@ -40,7 +40,7 @@ import torch
 from kvstrata.errors import InvalidArgumentError, KVStrataError, ProtocolError
 from kvstrata.kvstore.tier import ChunkHandle, ChunkMeta
 from kvstrata.transport import protocol as p
-from kvstrata.transport.base import PutSpec
+from kvstrata.transport.base import PutSpec, ServerAddress, TransportOptions
 from kvstrata.transport.tcp import TcpTransport, _wire_meta
 
 __all__ = [
@@ -95,6 +95,8 @@ class LeaseGetReply(_Meta):
     sizes: Annotated[list[p.SignedSize], msgspec.Meta(max_length=p.MAX_KEYS)]
     positions: Annotated[list[Position], msgspec.Meta(max_length=p.MAX_KEYS)]
     leases: Annotated[list[LeaseId], msgspec.Meta(max_length=p.MAX_KEYS)]
+    #: the leases' lifetime in milliseconds (0: not said); lets a client skip waiting for RELEASE's answer
+    ttl_ms: Annotated[int, msgspec.Meta(ge=0, le=1 << 40)] = 0
 
 
 class ReleaseRequest(_Meta):
@@ -353,7 +355,8 @@ class LeaseServer:
             sizes.append(size)
             positions.append(position)
             leases.append(self._new_lease(owner, lease))
-        return LeaseGetReply(sizes=sizes, positions=positions, leases=leases)
+        ttl_ms = int(self.lease_ttl_s * 1000)
+        return LeaseGetReply(sizes=sizes, positions=positions, leases=leases, ttl_ms=ttl_ms)
 
     def release(self, owner: int, lease_ids: Sequence[int]) -> ReleaseReply:
         """End leases; ``valid[i]`` is whether lease ``i`` was still held (not expired, this owner's)."""
@@ -463,6 +466,11 @@ class LeaseTransport(TcpTransport):
 
     base: ClassVar[int] = 0
 
+    def __init__(self, address: ServerAddress, options: TransportOptions) -> None:
+        super().__init__(address, options)
+        #: request ids of RELEASEs whose replies have not been read yet
+        self._pending_releases: list[int] = []
+
     def connect(self, timeout: float) -> None:
         """Connect, run HELLO (sending this transport's name), then attach to the server's memory."""
         if self._sock is not None:
@@ -507,6 +515,7 @@ class LeaseTransport(TcpTransport):
         deferred: list[int],
     ) -> None:
         op = self.base + GET
+        sent_at = time.monotonic()
         rid = self._request(op, LeaseGetRequest(keys=[keys[i] for i in batch]))
         _, reply = self._reply(rid, op)
         n = len(batch)
@@ -539,15 +548,36 @@ class LeaseTransport(TcpTransport):
         try:
             if spans:
                 self._read_many(spans)
-        finally:
+        except BaseException:
+            if leases:
+                self._release(leases)
+            raise
+        # The server granted the leases after this side sent the request, so they cannot have expired
+        # before sent_at + ttl. Copies done well within that need no answer from RELEASE: it is sent now
+        # and its reply read before the next one. Otherwise only leases RELEASE reports valid are hits.
+        if leases and reply.ttl_ms and (time.monotonic() - sent_at) * 2000 < reply.ttl_ms:
+            self._pending_releases.append(self._request(self.base + RELEASE, ReleaseRequest(leases=leases)))
+            good = set(leases)
+        else:
             valid = self._release(leases) if leases else []
-        # only bytes read under a lease that was still valid when released are a hit
-        good = {lease for lease, ok in zip(leases, valid, strict=True) if ok}
+            good = {lease for lease, ok in zip(leases, valid, strict=True) if ok}
         for i, dest, lease in taken:
             if lease in good:
                 results[i] = dest
         if too_small is not None:
             raise too_small
+
+    def _reply(self, rid: int, opcode: int) -> tuple[p.Header, Any]:
+        """Read the replies of RELEASEs sent without waiting (they come first), then ``rid``'s."""
+        while self._pending_releases:
+            pending = self._pending_releases.pop(0)
+            super()._reply(pending, self.base + RELEASE)
+        return super()._reply(rid, opcode)
+
+    def close(self) -> None:
+        """Close the connection (the server ends every lease it still holds for it)."""
+        self._pending_releases.clear()
+        super().close()
 
     def _release(self, leases: list[int]) -> list[bool]:
         op = self.base + RELEASE

@@ -6,7 +6,7 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import pytest
 import torch
@@ -304,3 +304,39 @@ def test_leases_of_a_stalled_client_expire_on_their_own() -> None:
         assert store.get(key) is None and store.get(other) is not None
     finally:
         store.close()
+
+
+class _SlowShmTransport(ShmTransport):
+    """An shm client whose copies take 50 ms (a stalled reader)."""
+
+    def _read_many(self, spans: Sequence[tuple[int, torch.Tensor]]) -> None:
+        time.sleep(0.05)
+        super()._read_many(spans)
+
+
+@pytest.mark.parametrize(("ttl", "hit"), [(0.02, False), (30.0, True)])
+def test_bytes_read_under_an_expired_lease_are_a_miss(ttl: float, hit: bool) -> None:
+    from kvstrata.transport.shm import ShmServerExtension
+    from tests.transport.servers import InProcessServer
+
+    ext = ShmServerExtension(None, staging_slots=2, lease_ttl_s=ttl)
+    server = InProcessServer(capacity=4 << 20, slot=1 << 20, extensions=[ext])
+    ext.attach(server.store)  # a store not in shared memory: gets are staged
+    with server:
+        key = os.urandom(16)
+        (data,) = _chunks(1, 100_000, seed=21)
+        server.store.put(key, data)
+        transport = _SlowShmTransport(
+            parse_url(f"kvs+shm://127.0.0.1:{server.server.port}"), TransportOptions()
+        )  # type: ignore[union-attr]
+        try:
+            transport.connect(5.0)
+            (got,) = transport.get_many([key], [None], 5.0)
+            if hit:
+                assert got is not None and torch.equal(got, data)
+            else:
+                assert got is None  # the lease ran out mid-copy: never returned as a hit
+            assert transport.exists([key], 5.0) == [True]  # the connection stays in step
+        finally:
+            transport.close()
+    ext.close()
