@@ -35,6 +35,9 @@ __all__ = ["TcpTransport", "byte_view"]
 #: Linux's IOV_MAX is 1024; stay well below it per sendmsg call.
 _MAX_IOV = 512
 _DISCARD = 1 << 20
+#: Bytes per frame when a batch is split for pipelining: big enough to amortise a frame, small enough
+#: that checksumming one frame overlaps with moving the previous one.
+PIPELINE_BYTES = 4 << 20
 
 
 def byte_view(tensor: torch.Tensor) -> memoryview:
@@ -58,6 +61,7 @@ class TcpTransport(Transport):
         self._next_id = 1
         self._deadline = 0.0
         self._header_buf = bytearray(p.HEADER_SIZE)
+        self._chunk_hint = 512 << 10
         self.greeting: p.ServerHello | None = None
 
     # -- state -------------------------------------------------------------------------------------
@@ -242,9 +246,13 @@ class TcpTransport(Transport):
 
     # -- operations --------------------------------------------------------------------------------
     def put_many(self, items: Sequence[PutSpec], timeout: float) -> list[KVStrataError | None]:
-        """PUT_MANY in batches bounded by the server's payload and key limits."""
+        """PUT_MANY, pipelined: frames of about ``PIPELINE_BYTES`` go out back to back (the server
+        stores one while the next is on the wire and the client checksums the one after), then the
+        small replies are read in order."""
         results: list[KVStrataError | None] = [None] * len(items)
         limit = self.max_payload
+        target = min(limit, PIPELINE_BYTES)
+        batches: list[list[int]] = []
         batch: list[int] = []
         size = 0
         for i, item in enumerate(items):
@@ -252,61 +260,96 @@ class TcpTransport(Transport):
             if n > limit:
                 results[i] = ChunkTooLargeError(f"a {n}-byte chunk exceeds the server's {limit}-byte limit")
                 continue
-            if batch and (size + n > limit or len(batch) >= p.MAX_KEYS):
-                self._call(timeout, self._put_batch, items, batch, results)
+            if batch and (size + n > target or len(batch) >= p.MAX_KEYS):
+                batches.append(batch)
                 batch, size = [], 0
             batch.append(i)
             size += n
         if batch:
-            self._call(timeout, self._put_batch, items, batch, results)
+            batches.append(batch)
+        if batches:
+            self._call(timeout, self._put_pipelined, items, batches, results)
         return results
 
-    def _put_batch(
-        self, items: Sequence[PutSpec], batch: list[int], results: list[KVStrataError | None]
+    def _put_pipelined(
+        self, items: Sequence[PutSpec], batches: list[list[int]], results: list[KVStrataError | None]
     ) -> None:
         want_crc = self.options.checksum
-        views = [byte_view(items[i].data) for i in batch]
-        wire = [
-            p.PutItem(
-                key=items[i].key,
-                size=len(view),
-                checksum=p.checksum(view) if want_crc else 0,
-                meta=_wire_meta(items[i]),
-            )
-            for i, view in zip(batch, views, strict=True)
-        ]
         flags = p.Flag.CHECKSUM if want_crc else 0
-        rid = self._request(p.Op.PUT_MANY, p.PutManyRequest(items=wire), views, flags=flags)
-        _, reply = self._reply(rid, p.Op.PUT_MANY)
-        if len(reply.results) != len(batch):
-            raise ProtocolError(f"{self.address}: PUT_MANY reply has {len(reply.results)} results")
-        for i, code in zip(batch, reply.results, strict=True):
-            results[i] = p.error_for(p.ErrorReply(code=code, message=f"put of item {i}")) if code else None
+        sent: list[tuple[int, list[int]]] = []
+        for batch in batches:
+            views = [byte_view(items[i].data) for i in batch]
+            wire = [
+                p.PutItem(
+                    key=items[i].key,
+                    size=len(view),
+                    checksum=p.checksum(view) if want_crc else 0,
+                    meta=_wire_meta(items[i]),
+                )
+                for i, view in zip(batch, views, strict=True)
+            ]
+            sent.append(
+                (self._request(p.Op.PUT_MANY, p.PutManyRequest(items=wire), views, flags=flags), batch)
+            )
+        for rid, batch in sent:
+            _, reply = self._reply(rid, p.Op.PUT_MANY)
+            if len(reply.results) != len(batch):
+                raise ProtocolError(f"{self.address}: PUT_MANY reply has {len(reply.results)} results")
+            for i, code in zip(batch, reply.results, strict=True):
+                if code:
+                    results[i] = p.error_for(p.ErrorReply(code=code, message=f"put of item {i}"))
 
     def get_many(
         self, keys: Sequence[bytes], outs: Sequence[torch.Tensor | None], timeout: float
     ) -> list[torch.Tensor | None]:
-        """GET_MANY; deferred keys (the server's reply budget ran out) are asked for again."""
+        """GET_MANY, pipelined: all requests (a few chunks each) go out at once, replies are read in
+        order straight into the destinations; deferred keys (the server's reply budget ran out) are
+        asked for again."""
         results: list[torch.Tensor | None] = [None] * len(keys)
         pending = list(range(len(keys)))
         while pending:
-            batch = pending[: p.MAX_KEYS]
-            deferred = self._call(timeout, self._get_batch, keys, outs, batch, results)
-            if len(deferred) == len(batch):
+            deferred = self._call(timeout, self._get_pipelined, keys, outs, pending, results)
+            if len(deferred) == len(pending):
                 raise ProtocolError(f"{self.address}: GET_MANY made no progress")
-            pending = deferred + pending[len(batch) :]
+            pending = deferred
         return results
 
-    def _get_batch(
+    def _get_pipelined(
         self,
         keys: Sequence[bytes],
         outs: Sequence[torch.Tensor | None],
-        batch: list[int],
+        pending: list[int],
         results: list[torch.Tensor | None],
     ) -> list[int]:
-        want_crc = self.options.checksum
-        flags = p.Flag.CHECKSUM if want_crc else 0
-        rid = self._request(p.Op.GET_MANY, p.KeysRequest(keys=[keys[i] for i in batch]), flags=flags)
+        flags = p.Flag.CHECKSUM if self.options.checksum else 0
+        # Keys per request from the chunk size seen last, so each reply is about PIPELINE_BYTES.
+        per = max(1, min(p.MAX_KEYS, PIPELINE_BYTES // max(self._chunk_hint, 1)))
+        sent: list[tuple[int, list[int]]] = []
+        for start in range(0, len(pending), per):
+            batch = pending[start : start + per]
+            sent.append(
+                (
+                    self._request(p.Op.GET_MANY, p.KeysRequest(keys=[keys[i] for i in batch]), flags=flags),
+                    batch,
+                )
+            )
+        deferred: list[int] = []
+        too_small: InvalidArgumentError | None = None
+        for rid, batch in sent:
+            error = self._read_get_reply(rid, batch, outs, results, deferred)
+            too_small = too_small or error
+        if too_small is not None:
+            raise too_small
+        return deferred
+
+    def _read_get_reply(
+        self,
+        rid: int,
+        batch: list[int],
+        outs: Sequence[torch.Tensor | None],
+        results: list[torch.Tensor | None],
+        deferred: list[int],
+    ) -> InvalidArgumentError | None:
         header, reply = self._reply(rid, p.Op.GET_MANY)
         sizes = reply.sizes
         crcs = reply.checksums if header.has_checksum else []
@@ -314,7 +357,6 @@ class TcpTransport(Transport):
             raise ProtocolError(f"{self.address}: GET_MANY reply does not match the request")
         if sum(s for s in sizes if s > 0) != header.payload_len:
             raise ProtocolError(f"{self.address}: GET_MANY payload length does not match its sizes")
-        deferred: list[int] = []
         too_small: InvalidArgumentError | None = None
         for pos, (i, size) in enumerate(zip(batch, sizes, strict=True)):
             if size == -2:
@@ -322,6 +364,7 @@ class TcpTransport(Transport):
                 continue
             if size < 0:
                 continue
+            self._chunk_hint = size
             out = outs[i]
             if out is None:
                 dest = torch.empty(size, dtype=torch.uint8)
@@ -338,9 +381,7 @@ class TcpTransport(Transport):
                 self.corrupt += 1
                 continue  # corrupt bytes are a miss, never a hit
             results[i] = dest
-        if too_small is not None:
-            raise too_small
-        return deferred
+        return too_small
 
     def _keys_op(self, opcode: int, keys: Sequence[bytes]) -> Any:
         rid = self._request(opcode, p.KeysRequest(keys=list(keys)))
