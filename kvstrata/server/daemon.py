@@ -32,11 +32,13 @@ def load_extensions(config: KVStrataConfig) -> list[ServerExtension]:
     for name in config.server.transports:
         try:
             cls = server_extension_class(name)
+            if cls is not None:
+                out.append(cls(config))
         except InvalidArgumentError as exc:
             log.warning("transport %s is not available, serving without it: %s", name, exc)
-            continue
-        if cls is not None:
-            out.append(cls(config))
+        except Exception:
+            # An optional transport that fails to load must not take the tcp service down with it.
+            log.exception("transport %s failed to load, serving without it", name)
     return out
 
 
