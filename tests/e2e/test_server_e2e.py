@@ -281,7 +281,22 @@ def test_slow_client_that_never_reads(server: ServeProcess) -> None:
         sock.close()
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+def _mutated_put(position: int, value: int, cut: int) -> bytes:
+    """A valid PUT frame with one byte changed, then cut short by ``cut`` bytes (0: whole)."""
+    payload = bytes(range(256)) * 4
+    meta = p.encode_meta(p.PutRequest(key=chunk_key(5, b"fuzz")))
+    frame = bytearray(
+        p.pack_header(
+            p.Op.PUT, 3, len(meta), len(payload), flags=p.Flag.CHECKSUM, checksum=p.checksum(payload)
+        )
+        + meta
+        + payload
+    )
+    frame[position % len(frame)] = value
+    return bytes(frame[: len(frame) - cut])
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
 @given(
     data=st.one_of(
         st.binary(max_size=200),
@@ -294,6 +309,7 @@ def test_slow_client_that_never_reads(server: ServeProcess) -> None:
             st.integers(0, 2**40),
             st.binary(max_size=100),
         ),
+        st.builds(_mutated_put, st.integers(0, 10_000), st.integers(0, 255), st.integers(0, 120)),
     )
 )
 def test_live_server_survives_fuzzed_frames(server: ServeProcess, data: bytes) -> None:

@@ -235,6 +235,7 @@ def test_connection_limit() -> None:
             assert client.get(chunk_key(1)) is None
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_admin_api_in_process(server: InProcessServer) -> None:
     from fastapi.testclient import TestClient
 
