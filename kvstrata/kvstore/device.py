@@ -1,4 +1,7 @@
-"""``DeviceTier``: chunks in fixed-size slots of one buffer in a torch device's memory (a GPU pool).
+"""``DeviceTier``: chunks in slab-allocated slots of one buffer in a torch device's memory (a GPU pool).
+
+Chunks of any size up to ``slot_bytes`` share the buffer in power-of-two size classes
+(:mod:`kvstrata.kvstore.pool`).
 
 ``device="auto"`` picks CUDA when present and falls back to the CPU, where the same code runs in tests.
 Copies to and from the pool are plain ``copy_`` calls, synchronous with respect to the caller, so a
@@ -33,7 +36,8 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 
 class DeviceTier(PooledTier):
-    """A pool of ``capacity_bytes // slot_bytes`` slots in the memory of ``device``."""
+    """A slab pool of ``capacity_bytes // slot_bytes`` pages in the memory of ``device``; chunks up to
+    ``slot_bytes``."""
 
     name = "device"
 

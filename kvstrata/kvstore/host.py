@@ -1,6 +1,10 @@
-"""``HostTier``: chunks in fixed-size slots of one host-memory buffer (page-locked when CUDA is present).
+"""``HostTier``: chunks in slab-allocated slots of one host-memory buffer (page-locked when CUDA is present).
 
-The buffer is allocated once (``torch.empty``: pages are committed as slots come into use) or handed in by
+Chunks of any size up to ``slot_bytes`` share the buffer: it is cut into pages of ``slot_bytes``, and each
+page into slots of one power-of-two size class (:mod:`kvstrata.kvstore.pool`), so a tier of ``N`` bytes
+holds about ``N / 256 KiB`` chunks of 256 KiB, not ``N / slot_bytes``.
+
+The buffer is allocated once (``torch.empty``: pages are committed as they come into use) or handed in by
 the caller, e.g. a POSIX shared-memory segment that the ``shm`` transport maps into client processes;
 :meth:`HostTier.slot_span` then tells where a pinned chunk's bytes lie in that segment, so transports hand
 out offsets instead of copying. Semantics and locking: :mod:`kvstrata.kvstore.memory`.
@@ -18,7 +22,7 @@ __all__ = ["HostTier"]
 
 
 class HostTier(PooledTier):
-    """A slab pool of ``capacity_bytes // slot_bytes`` slots in host memory.
+    """A slab pool of ``capacity_bytes // slot_bytes`` pages in host memory; chunks up to ``slot_bytes``.
 
     ``buffer``: an externally owned contiguous 1-D ``uint8`` CPU tensor of at least ``capacity_bytes``
     (the pool is carved from it and never frees it). ``pin_memory``: page-lock the pool (``None``: when CUDA

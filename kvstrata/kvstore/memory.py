@@ -1,4 +1,4 @@
-"""The memory tiers' common engine: chunks in the slots of one :class:`SlotPool`, under one lock.
+"""The memory tiers' common engine: chunks in the slab-allocated slots of one :class:`SlotPool`, one lock.
 
 A put reserves a slot under the lock (evicting if allowed), copies the bytes into it outside the lock, and
 publishes the entry under the lock again; a get pins the entry under the lock, copies out of the slot
@@ -6,9 +6,19 @@ outside it, and unpins. The lock thus covers only O(1) bookkeeping and copies of
 parallel. A pinned slot is never handed out again: removing or replacing a pinned chunk hides it at once and
 frees its slot when the last pin is released.
 
-Capacity is counted in slots: every chunk takes one whole slot, so ``used_bytes`` is the slots held times
-``slot_bytes`` (the memory really held) and ``victims(n)`` frees ``ceil(n / slot_bytes)`` slots. Choose
-``slot_bytes`` equal to the chunk size of the layout served (the largest chunk the tier may hold).
+Capacity is counted in the bytes of the slots held: a chunk takes one slot of the smallest size class that
+holds it (see :mod:`kvstrata.kvstore.pool`: power-of-two classes up to ``slot_bytes``, the largest chunk the
+tier holds), so ``used_bytes`` is the sum of those slot sizes (never above ``capacity_bytes``) and
+``victims(n)`` lists the coldest unpinned chunks whose slots add up to ``n`` bytes.
+
+Bytes free are not always room: a chunk needs a free slot of its own class or a wholly free page.
+``fits(n)`` tells whether a chunk of ``n`` bytes would be placed now, and ``victims_for(n)`` which chunks
+to remove so that it would be (the Store demotes exactly those). A put with ``evict=True`` evicts the same
+set itself. That set is the shortest prefix of the policy order (pinned chunks skipped) that holds either one
+chunk of the same class (its slot is reused at once) or every chunk of one page (the page is freed and
+re-cut for the new class), and only those chunks are evicted: at most one chunk, or the chunks of one
+page. A page holding a pinned slot is never freed this way; when no such set exists the put raises
+:class:`TierFullError` and evicts nothing.
 """
 
 from __future__ import annotations
@@ -50,7 +60,7 @@ class _Entry:
     __slots__ = ("dead", "length", "meta", "pins", "slot")
 
     def __init__(self, slot: int, length: int, meta: ChunkMeta) -> None:
-        self.slot = slot
+        self.slot = slot  # the slot's byte offset in the pool buffer
         self.length = length
         self.meta = meta
         self.pins = 0
@@ -58,7 +68,7 @@ class _Entry:
 
 
 class PooledTier(Tier):
-    """A tier whose chunks live in the fixed-size slots of one preallocated buffer (see the module doc)."""
+    """A tier whose chunks live in the size-classed slots of one preallocated buffer (see the module doc)."""
 
     def __init__(self, pool: SlotPool, *, policy: str = "lru") -> None:
         super().__init__()
@@ -81,23 +91,49 @@ class PooledTier(Tier):
         if entry.pins == 0:
             self._pool.free(entry.slot)
 
-    def _reserve(self, evict: bool, evicted: list[tuple[bytes, ChunkMeta]]) -> int:
-        slot = self._pool.alloc()
+    def _room_for(self, length: int) -> list[bytes] | None:
+        """The chunks to evict so that a ``length``-byte chunk gets a slot (see the module docstring).
+
+        ``[]`` when it fits now, ``None`` when no set of unpinned chunks makes room.
+        """
+        pool = self._pool
+        if pool.can_alloc(length):
+            return []
+        wanted = pool.class_of(length)
+        pending: dict[int, list[bytes]] = {}  # page -> its unpinned chunks seen so far, coldest first
+        for key in self._policy.candidates():
+            entry = self._entries[key]
+            if entry.pins:
+                continue  # its page cannot be freed either: its group never completes
+            if pool.class_at(entry.slot) == wanted:
+                return [key]
+            page = pool.page_of(entry.slot)
+            group = pending.get(page)
+            if group is None:
+                group = pending[page] = []
+            group.append(key)
+            if len(group) == pool.page_used(page):
+                return group
+        return None
+
+    def _reserve(self, length: int, evict: bool, evicted: list[tuple[bytes, ChunkMeta]]) -> int:
+        slot = self._pool.alloc(length)
         if slot is not None:
             return slot
         if not evict:
-            raise TierFullError(f"the {self.name} tier is full ({self._pool.num_slots} slots)")
-        for victim in self._policy.candidates():
+            raise TierFullError(f"the {self.name} tier has no room for a {length}-byte chunk")
+        plan = self._room_for(length)
+        if not plan:  # [] cannot happen (alloc just failed under the lock)
+            raise TierFullError(f"the {self.name} tier is full and pinned chunks block every page")
+        for victim in plan:
             entry = self._entries[victim]
-            if entry.pins:
-                continue
             self._drop(victim, entry)
             evicted.append((victim, entry.meta))
             self._count("evictions")
-            slot = self._pool.alloc()
-            if slot is not None:
-                return slot
-        raise TierFullError(f"the {self.name} tier is full and every chunk in it is pinned")
+        slot = self._pool.alloc(length)
+        if slot is None:  # the plan frees a slot of the class or a whole page: unreachable
+            raise TierFullError(f"the {self.name} tier found no room after evicting {len(plan)} chunks")
+        return slot
 
     def _unpin(self, entry: _Entry) -> None:
         with self._lock:
@@ -131,7 +167,7 @@ class PooledTier(Tier):
         try:
             with self._lock:
                 self._check_open()
-                slot = self._reserve(evict, evicted)
+                slot = self._reserve(length, evict, evicted)
         finally:
             # Listeners run outside the lock; the victims are gone whatever happens to this put.
             if evicted:
@@ -240,19 +276,37 @@ class PooledTier(Tier):
         return True
 
     def victims(self, num_bytes: int) -> list[bytes]:
-        """The coldest unpinned keys whose slots add up to at least ``num_bytes``."""
-        needed = -(-num_bytes // self._pool.slot_bytes)
+        """The coldest unpinned keys whose slots add up to at least ``num_bytes`` (fewer if the tier is
+        short of unpinned chunks). For room for one chunk of ``n`` bytes, use :meth:`victims_for`."""
         out: list[bytes] = []
-        if needed <= 0:
+        if num_bytes <= 0:
             return out
+        freed = 0
         with self._lock:
             for key in self._policy.candidates():
-                if self._entries[key].pins:
+                entry = self._entries[key]
+                if entry.pins:
                     continue
                 out.append(key)
-                if len(out) >= needed:
+                freed += self._pool.slot_size(entry.slot)
+                if freed >= num_bytes:
                     break
         return out
+
+    def victims_for(self, num_bytes: int) -> list[bytes]:
+        """The coldest unpinned keys whose removal lets a ``num_bytes`` chunk be placed (see the module
+        docstring); ``[]`` when it fits now (:meth:`fits`) or when pinned chunks block every way."""
+        if num_bytes > self._pool.slot_bytes:
+            return []
+        with self._lock:
+            return self._room_for(num_bytes) or []
+
+    def fits(self, num_bytes: int) -> bool:
+        """Whether a ``num_bytes`` chunk would be placed now without evicting anything."""
+        if num_bytes > self._pool.slot_bytes:
+            return False
+        with self._lock:
+            return self._pool.can_alloc(num_bytes)
 
     def keys(self) -> Iterator[bytes]:
         """A snapshot of the stored keys."""
@@ -271,11 +325,11 @@ class PooledTier(Tier):
         key = check_key(key)
         with self._lock:
             entry = self._entries.get(key)
-            return None if entry is None else (self._pool.offset(entry.slot), entry.length)
+            return None if entry is None else (entry.slot, entry.length)
 
     @property
     def slot_bytes(self) -> int:
-        """The largest chunk the tier holds; every chunk takes one slot of this size."""
+        """The largest chunk the tier holds (the pool's page size and largest class)."""
         return self._pool.slot_bytes
 
     @property
@@ -285,14 +339,14 @@ class PooledTier(Tier):
 
     @property
     def capacity_bytes(self) -> int:
-        """Slots times slot size."""
-        return self._pool.num_slots * self._pool.slot_bytes
+        """Pages times page size (``slot_bytes``)."""
+        return self._pool.capacity_bytes
 
     @property
     def used_bytes(self) -> int:
-        """Slots held (including removed chunks still pinned by readers) times slot size."""
+        """Bytes of the slots held (including removed chunks still pinned by readers), by class size."""
         with self._lock:
-            return self._pool.used_slots * self._pool.slot_bytes
+            return self._pool.used_bytes
 
     def __len__(self) -> int:
         with self._lock:

@@ -1,16 +1,32 @@
-"""A pool of fixed-size slots carved from one preallocated byte buffer (host or device memory).
+"""A slab allocator of variable-size slots carved from one preallocated byte buffer (host or device memory).
 
 The memory tiers keep every chunk in one slot of a :class:`SlotPool`, so the hot path never allocates: a put
-is one ``copy_`` into a free slot, a get one ``copy_`` out of it. The buffer is allocated once with
-``torch.empty`` (which does not fault its pages in) or handed in by the caller (POSIX shared memory for the
-``shm`` transport). Fresh slots are handed out in address order and freed slots are reused last-in first-out,
-so a pool larger than its working set touches only the pages it needs and reuses the warm ones.
+is one ``copy_`` into a free slot, a get one ``copy_`` out of it. A cache server receives chunks of many
+sizes (256 KiB for small models or layer-wise transfers, a few MiB typically, tens of MiB for large models),
+so slots come in size classes rather than one fixed size:
+
+- The buffer is divided into **pages** of ``slot_bytes`` (the largest class: the largest chunk the pool
+  holds). A slot never straddles a page.
+- **Size classes** are the powers of two from a minimum (64 KiB by default, less for small pages) up to
+  half a page, plus the whole page. A chunk takes the smallest class that fits, so at most half of a slot
+  is wasted, and nothing for chunks of a power-of-two size or of exactly ``slot_bytes``.
+- A free page is **assigned to a class** when that class needs room and has no free slot left; it is cut
+  into ``page // class`` slots. When all its slots are free again it **returns to the free-page list** and
+  may serve any class next.
+- Offsets into :attr:`SlotPool.buffer` name the slots, so a slot's offset is also where a transport (the
+  ``shm`` segment) finds the bytes.
+
+The buffer is allocated once with ``torch.empty`` (which does not fault its pages in) or handed in by the
+caller (POSIX shared memory for the ``shm`` transport). Fresh pages are handed out in address order, freed
+pages and freed slots are reused last-in first-out, and a class fills the page it used last first, so a pool
+larger than its working set touches only the memory it needs and reuses the warm pages.
 
 Host buffers are page-locked lazily when CUDA is present: each segment of the buffer is registered with
-``cudaHostRegister`` the first time a slot in it is handed out, so a large pool starts instantly and pins
+``cudaHostRegister`` the first time a page in it is handed out, so a large pool starts instantly and pins
 only what it uses (``torch.empty(pin_memory=True)`` would pin it all at once and round it up to a power of
 two).
 
+Every operation is O(1) (cutting a page into slots is O(slots per page), at most page / minimum class).
 Not thread-safe: the owning tier calls it under its own lock.
 """
 
@@ -22,19 +38,36 @@ import torch
 
 from kvstrata.errors import InvalidArgumentError
 
-__all__ = ["SlotPool"]
+__all__ = ["DEFAULT_MIN_CLASS_BYTES", "SlotPool", "default_min_class"]
 
 log = logging.getLogger(__name__)
 
-#: Host memory is page-locked in segments of this size (rounded to whole slots) as it comes into use.
+#: Host memory is page-locked in segments of this size (rounded to whole pages) as it comes into use.
 PIN_SEGMENT_BYTES = 256 * 1024**2
+
+#: The smallest size class of a pool whose pages are large (``slot_bytes >= 8 MiB``).
+DEFAULT_MIN_CLASS_BYTES = 64 * 1024
+
+#: Smaller pages get a proportionally smaller minimum class: at most this many minimum slots per page...
+_MAX_SLOTS_PER_PAGE = 128
+#: ...but never a class below this many bytes (bookkeeping would outweigh the bytes).
+_SMALLEST_CLASS_BYTES = 64
+
+
+def default_min_class(slot_bytes: int) -> int:
+    """The default smallest class for pages of ``slot_bytes``: 64 KiB, less for pages under 8 MiB."""
+    floor_pow2 = 1 << (max(1, slot_bytes).bit_length() - 1)
+    return max(_SMALLEST_CLASS_BYTES, min(DEFAULT_MIN_CLASS_BYTES, floor_pow2 // _MAX_SLOTS_PER_PAGE))
 
 
 class SlotPool:
-    """``num_slots`` slots of ``slot_bytes`` each in one flat ``uint8`` buffer.
+    """Pages of ``slot_bytes`` in one flat ``uint8`` buffer, cut into slots of power-of-two size classes.
 
     ``buffer`` (optional) is an externally owned 1-D ``uint8`` tensor of at least ``capacity_bytes``; the pool
-    uses its first ``num_slots * slot_bytes`` bytes, so slot offsets are offsets into that buffer.
+    uses its first ``num_pages * slot_bytes`` bytes, so slot offsets are offsets into that buffer.
+    ``min_class_bytes`` (a power of two; default :func:`default_min_class`) is the smallest slot size.
+
+    Slots are named by their byte offset: :meth:`alloc` returns one, :meth:`free` takes it back.
     """
 
     def __init__(
@@ -45,6 +78,7 @@ class SlotPool:
         device: torch.device | str = "cpu",
         buffer: torch.Tensor | None = None,
         pin_memory: bool = False,
+        min_class_bytes: int | None = None,
     ) -> None:
         if slot_bytes <= 0:
             raise InvalidArgumentError(f"slot_bytes must be positive, got {slot_bytes}")
@@ -52,9 +86,13 @@ class SlotPool:
             raise InvalidArgumentError(
                 f"capacity_bytes ({capacity_bytes}) must hold at least one slot of {slot_bytes} bytes"
             )
+        min_class = default_min_class(slot_bytes) if min_class_bytes is None else min_class_bytes
+        if min_class <= 0 or min_class & (min_class - 1):
+            raise InvalidArgumentError(f"min_class_bytes must be a positive power of two, got {min_class}")
         self.slot_bytes = slot_bytes
-        self.num_slots = capacity_bytes // slot_bytes
-        size = self.num_slots * slot_bytes
+        self.num_pages = capacity_bytes // slot_bytes
+        self.capacity_bytes = self.num_pages * slot_bytes
+        size = self.capacity_bytes
         if buffer is not None:
             if buffer.dim() != 1 or buffer.dtype != torch.uint8 or not buffer.is_contiguous():
                 raise InvalidArgumentError("a pool buffer must be a contiguous 1-D uint8 tensor")
@@ -64,64 +102,189 @@ class SlotPool:
                 )
             self.buffer = buffer[:size]
         else:
-            # torch.empty does not touch the pages: memory is committed as slots come into use.
+            # torch.empty does not touch the pages: memory is committed as pages come into use.
             self.buffer = torch.empty(size, dtype=torch.uint8, device=device)
         self.device = self.buffer.device
-        self._free: list[int] = []  # freed slots, reused last-in first-out (their pages are warm)
-        self._fresh = 0  # slots >= this index have never been handed out
+
+        # Classes: powers of two that fit at least twice in a page, then the whole page.
+        sizes: list[int] = []
+        cls = min_class
+        while 2 * cls <= slot_bytes:
+            sizes.append(cls)
+            cls *= 2
+        sizes.append(slot_bytes)
+        #: Slot sizes of the classes, smallest first; the last one is the whole page (``slot_bytes``).
+        self.class_sizes: tuple[int, ...] = tuple(sizes)
+        self._top = len(sizes) - 1
+        self._min_shift = min_class.bit_length() - 1
+        self._per_page = [slot_bytes // s for s in sizes]
+
+        self.used_bytes = 0  # class bytes of the slots handed out (what the holders occupy)
+        self.used_slots = 0
+        self._free_pages: list[int] = []  # freed pages, reused last-in first-out (warm)
+        self._fresh = 0  # pages >= this index have never been handed out
+        self._page_class = [-1] * self.num_pages  # class index of each page; -1: free
+        self._page_used = [0] * self.num_pages  # slots handed out in each page
+        # Free slot offsets of each page of a small class (popped from the end: address order at first).
+        self._page_free: dict[int, list[int]] = {}
+        # Per small class: its pages with a free slot, as an insertion-ordered set (the last is used first).
+        self._partial: list[dict[int, None]] = [{} for _ in sizes]
+
         self._pin = pin_memory and self.device.type == "cpu" and torch.cuda.is_available()
-        self._segment_slots = max(1, PIN_SEGMENT_BYTES // slot_bytes)
+        self._segment_pages = max(1, PIN_SEGMENT_BYTES // slot_bytes)
         self._pinned_segments: list[int] = []
+        # Views of large slots are made once and reused (narrow costs a microsecond); only slots of at least
+        # an eighth of a page are cached, which bounds the cache to 8 views per page.
         self._views: dict[int, torch.Tensor] = {}
+        self._view_min = max(1, slot_bytes // 8)
+
+    # -- sizes ---------------------------------------------------------------------------------------------
+    def class_of(self, nbytes: int) -> int:
+        """Index (into :attr:`class_sizes`) of the smallest class holding ``nbytes``."""
+        if nbytes > self.slot_bytes:
+            raise InvalidArgumentError(f"{nbytes} bytes exceed the pool's largest slot ({self.slot_bytes})")
+        if nbytes <= 0:
+            return 0
+        index = (nbytes - 1).bit_length() - self._min_shift
+        if index <= 0:
+            return 0
+        return index if index < self._top else self._top
+
+    def slot_size_for(self, nbytes: int) -> int:
+        """Bytes of the slot a chunk of ``nbytes`` takes."""
+        return self.class_sizes[self.class_of(nbytes)]
+
+    def class_at(self, offset: int) -> int:
+        """Class index of the slot at ``offset`` (a slot handed out and not freed)."""
+        return self._page_class[offset // self.slot_bytes]
+
+    def slot_size(self, offset: int) -> int:
+        """Bytes of the slot at ``offset`` (a slot handed out and not freed)."""
+        return self.class_sizes[self._page_class[offset // self.slot_bytes]]
+
+    def page_of(self, offset: int) -> int:
+        """Index of the page holding ``offset``."""
+        return offset // self.slot_bytes
+
+    def page_used(self, page: int) -> int:
+        """Slots of ``page`` handed out and not yet freed."""
+        return self._page_used[page]
 
     @property
-    def free_slots(self) -> int:
-        """Slots that :meth:`alloc` can hand out now."""
-        return len(self._free) + self.num_slots - self._fresh
+    def free_pages(self) -> int:
+        """Pages assigned to no class (fresh or returned)."""
+        return len(self._free_pages) + self.num_pages - self._fresh
 
     @property
-    def used_slots(self) -> int:
-        """Slots handed out and not yet freed."""
-        return self.num_slots - self.free_slots
+    def used_pages(self) -> int:
+        """Pages assigned to a class."""
+        return self.num_pages - self.free_pages
+
+    @property
+    def free_bytes(self) -> int:
+        """Bytes :meth:`alloc` could still hand out in slots (free pages and free slots of assigned pages)."""
+        return self.capacity_bytes - self.used_bytes
 
     @property
     def pinned(self) -> bool:
         """Whether host pages are page-locked as they come into use."""
         return self._pin
 
-    def alloc(self) -> int | None:
-        """A free slot's index, or ``None`` when every slot is in use."""
-        if self._free:
-            return self._free.pop()
-        if self._fresh >= self.num_slots:
+    def can_alloc(self, nbytes: int) -> bool:
+        """Whether :meth:`alloc` of ``nbytes`` would succeed now."""
+        index = self.class_of(nbytes)
+        if index != self._top and self._partial[index]:
+            return True
+        return bool(self._free_pages) or self._fresh < self.num_pages
+
+    # -- allocation ------------------------------------------------------------------------------------------
+    def alloc(self, nbytes: int) -> int | None:
+        """The offset of a free slot of the smallest class holding ``nbytes``, or ``None`` when that class
+        has no free slot and no page is free."""
+        index = self.class_of(nbytes)
+        if index == self._top:
+            page = self._take_page()
+            if page is None:
+                return None
+            self._page_class[page] = index
+            self._page_used[page] = 1
+            self.used_bytes += self.slot_bytes
+            self.used_slots += 1
+            return page * self.slot_bytes
+        partial = self._partial[index]
+        if partial:
+            page = next(reversed(partial))  # the page this class used last: its slots are warm
+            free = self._page_free[page]
+            offset = free.pop()
+            if not free:
+                del partial[page]
+        else:
+            page = self._take_page()
+            if page is None:
+                return None
+            size = self.class_sizes[index]
+            offset = page * self.slot_bytes
+            # The rest of the page, highest offset first so that pops hand out slots in address order.
+            free = [offset + i * size for i in range(self._per_page[index] - 1, 0, -1)]
+            self._page_free[page] = free
+            self._page_class[page] = index
+            if free:
+                partial[page] = None
+        self._page_used[page] += 1
+        self.used_bytes += self.class_sizes[index]
+        self.used_slots += 1
+        return offset
+
+    def free(self, offset: int) -> None:
+        """Give the slot at ``offset`` back; its page returns to the free-page list once wholly free."""
+        page = offset // self.slot_bytes
+        index = self._page_class[page]
+        if index < 0:
+            raise InvalidArgumentError(f"offset {offset} is not in a page in use")
+        self.used_bytes -= self.class_sizes[index]
+        self.used_slots -= 1
+        used = self._page_used[page] - 1
+        self._page_used[page] = used
+        if index == self._top:
+            self._page_class[page] = -1
+            self._free_pages.append(page)
+            return
+        free = self._page_free[page]
+        if used == 0:
+            # Wholly free: back to the free-page list, for any class.
+            self._partial[index].pop(page, None)
+            del self._page_free[page]
+            self._page_class[page] = -1
+            self._free_pages.append(page)
+            return
+        if not free:
+            self._partial[index][page] = None
+        free.append(offset)
+
+    def _take_page(self) -> int | None:
+        if self._free_pages:
+            return self._free_pages.pop()
+        if self._fresh >= self.num_pages:
             return None
-        slot = self._fresh
+        page = self._fresh
         self._fresh += 1
-        if self._pin and slot % self._segment_slots == 0:
-            self._pin_segment(slot)
-        return slot
+        if self._pin and page % self._segment_pages == 0:
+            self._pin_segment(page)
+        return page
 
-    def free(self, slot: int) -> None:
-        """Give ``slot`` back to the pool."""
-        self._free.append(slot)
-
-    def offset(self, slot: int) -> int:
-        """Byte offset of ``slot`` in :attr:`buffer`."""
-        return slot * self.slot_bytes
-
-    def view(self, slot: int, nbytes: int) -> torch.Tensor:
-        """The first ``nbytes`` of ``slot`` as a 1-D ``uint8`` view (no copy)."""
-        if nbytes == self.slot_bytes:
-            # Whole-slot views (the common case: slot size == chunk size) are made once and reused.
-            view = self._views.get(slot)
-            if view is None:
-                view = self._views[slot] = self.buffer.narrow(0, slot * self.slot_bytes, nbytes)
+    def view(self, offset: int, nbytes: int) -> torch.Tensor:
+        """``nbytes`` from ``offset`` as a 1-D ``uint8`` view (no copy)."""
+        if nbytes >= self._view_min:
+            view = self._views.get(offset)
+            if view is None or view.numel() != nbytes:
+                view = self._views[offset] = self.buffer.narrow(0, offset, nbytes)
             return view
-        return self.buffer.narrow(0, slot * self.slot_bytes, nbytes)
+        return self.buffer.narrow(0, offset, nbytes)
 
-    def _pin_segment(self, first_slot: int) -> None:
-        start = first_slot * self.slot_bytes
-        length = min(self._segment_slots, self.num_slots - first_slot) * self.slot_bytes
+    # -- page-locking and shutdown ------------------------------------------------------------------------
+    def _pin_segment(self, first_page: int) -> None:
+        start = first_page * self.slot_bytes
+        length = min(self._segment_pages, self.num_pages - first_page) * self.slot_bytes
         try:
             cudart = torch.cuda.cudart()
             ptr = self.buffer.data_ptr() + start
@@ -135,7 +298,7 @@ class SlotPool:
         self._pinned_segments.append(start)
 
     def close(self) -> None:
-        """Unpin what was pinned and drop the buffer reference."""
+        """Unpin what was pinned and drop the buffer reference; later allocations fail."""
         if self._pinned_segments:
             try:
                 cudart = torch.cuda.cudart()
@@ -145,7 +308,10 @@ class SlotPool:
             except Exception as exc:  # best effort at shutdown
                 log.warning("host pool: unpinning failed: %s", exc)
             self._pinned_segments.clear()
-        self._free.clear()
+        self._free_pages.clear()
+        self._page_free.clear()
+        for partial in self._partial:
+            partial.clear()
         self._views.clear()
-        self._fresh = self.num_slots
+        self._fresh = self.num_pages
         self.buffer = torch.empty(0, dtype=torch.uint8, device=self.device)

@@ -122,6 +122,14 @@ def _put_if_absent(tier: Tier, key: bytes, data: torch.Tensor, meta: ChunkMeta, 
         tier.put(key, data, meta, evict=evict)
 
 
+def _victims_for(tier: Tier, num_bytes: int) -> list[bytes]:
+    # A memory tier's bytes free are not always room for a chunk (slab size classes): ask it for the
+    # chunks whose removal places one of num_bytes, not merely for num_bytes of chunks.
+    if isinstance(tier, PooledTier):
+        return tier.victims_for(num_bytes)
+    return tier.victims(num_bytes)
+
+
 def _pin_for_move(tier: Tier, key: bytes) -> ChunkHandle | None:
     # Moving a chunk between tiers is not a read: it must not count a hit nor refresh recency.
     if isinstance(tier, PooledTier):
@@ -327,8 +335,10 @@ class Store:
                 return
             except TierFullError:
                 pass
-            victims = tier.victims(src.numel())
+            victims = _victims_for(tier, src.numel())
             if not victims:
+                if isinstance(tier, PooledTier) and tier.fits(src.numel()):
+                    continue  # another thread made room meanwhile
                 raise TierFullError(f"the {tier.name} tier is full and every chunk in it is pinned")
             for victim in victims:
                 self._demote(index, victim, must_free=True)

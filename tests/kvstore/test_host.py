@@ -1,4 +1,5 @@
-"""HostTier specifics: external (shared-memory) buffers, slot spans, zero-copy handles, slot accounting."""
+"""HostTier specifics: external (shared-memory) buffers, slot spans, zero-copy handles, slab accounting,
+mixed-size workloads checked against a model."""
 
 from __future__ import annotations
 
@@ -50,9 +51,14 @@ def test_slot_accounting() -> None:
     tier = HostTier(4 * SLOT + 100, SLOT)
     assert tier.capacity_bytes == 4 * SLOT and tier.slot_bytes == SLOT
     tier.put(chunk_key(1), b"x" * 10)
-    assert tier.used_bytes == SLOT, "a chunk holds a whole slot"
+    assert tier.used_bytes == 64, "a small chunk holds a slot of the smallest class"
+    tier.put(chunk_key(3), b"x" * (SLOT // 2 + 1))
+    assert tier.used_bytes == 64 + SLOT, "a chunk over half a page holds a whole page"
+    tier.put(chunk_key(4), b"x" * 1000)
+    assert tier.used_bytes == 64 + SLOT + 1024, "the smallest power-of-two class that holds it"
     assert tier.size_of(chunk_key(1)) == 10
     assert tier.victims(1) == [chunk_key(1)]
+    assert tier.victims(65) == [chunk_key(1), chunk_key(3)], "victims add up slot sizes"
     with pytest.raises(ChunkTooLargeError):
         tier.put(chunk_key(2), torch.zeros(SLOT + 1, dtype=torch.uint8))
 
@@ -108,8 +114,8 @@ def test_counters_are_exported_to_prometheus() -> None:
 
     before = {n: sample(f"kvstrata_tier_{n}_total") for n in ("hits", "misses", "puts", "evictions")}
     tier = HostTier(SLOT, SLOT)
-    tier.put(chunk_key(1), b"a")
-    tier.put(chunk_key(2), b"b")  # evicts chunk 1
+    tier.put(chunk_key(1), b"a" * SLOT)
+    tier.put(chunk_key(2), b"b" * SLOT)  # evicts chunk 1 (one page, each chunk fills it)
     assert tier.get(chunk_key(2)) is not None
     assert tier.get(chunk_key(1)) is None
     for name in before:

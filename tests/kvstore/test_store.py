@@ -195,9 +195,9 @@ def test_pinned_top_sends_puts_lower(stores: list[Store]) -> None:
         assert got is not None and torch.equal(got, pattern(pinned, SLOT, version=1))
         assert torch.equal(handle.data, pattern(pinned, SLOT)), "the reader still sees what it pinned"
     one_tier = keep(stores, Store([HostTier(SLOT, SLOT)]))
-    one_tier.put(pinned, b"x")
+    one_tier.put(pinned, pattern(pinned, SLOT))  # fills the tier's only page
     with one_tier.acquire(pinned), pytest.raises(TierFullError):  # type: ignore[union-attr]
-        one_tier.put(chunk_key(3), b"y")
+        one_tier.put(chunk_key(3), pattern(chunk_key(3), SLOT))
 
 
 def test_pinning_under_concurrent_eviction(stores: list[Store]) -> None:
