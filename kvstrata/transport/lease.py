@@ -69,6 +69,8 @@ log = logging.getLogger(__name__)
 ATTACH, GET, RELEASE, PUT_BEGIN, PUT_COMMIT = range(5)
 #: Leases one connection may hold at once (requests beyond it are deferred, never queued).
 MAX_LEASES_PER_CONNECTION = p.MAX_KEYS
+#: Keys per LEASE_GET of a pipelined get: the server pins one group while the client copies the previous.
+_GET_GROUP = 64
 #: Staged chunks per PUT_COMMIT: small enough that copying and storing overlap, large enough to amortise.
 _COMMIT_GROUP = 8
 #: Default lease lifetime; a client copies a chunk in milliseconds, so this only catches stalled clients.
@@ -317,8 +319,9 @@ class LeaseServer:
         positions: list[int] = []
         leases: list[int] = []
         deadline = time.monotonic() + self.lease_ttl_s
+        room = MAX_LEASES_PER_CONNECTION - self.held_by(owner)
         for key in keys:
-            if self.held_by(owner) >= MAX_LEASES_PER_CONNECTION:
+            if room <= 0:
                 sizes.append(-2)
                 positions.append(-1)
                 leases.append(0)
@@ -330,9 +333,11 @@ class LeaseServer:
                 positions.append(-1)
                 leases.append(0)
                 continue
-            data = handle.data.reshape(-1).view(torch.uint8)
+            data = handle.data
+            if data.dtype != torch.uint8 or data.dim() != 1:
+                data = data.reshape(-1).view(torch.uint8)
             size = data.numel()
-            position = self._locate(data) if data.device.type == "cpu" else None
+            position = self._locate(data) if data.is_cpu else None
             lease = _Lease(owner, deadline, size)
             if position is not None:
                 lease.handle = handle
@@ -352,6 +357,7 @@ class LeaseServer:
                 lease.staging = slot
                 position = self._staging_position(slot)
                 self.counters["staged_gets"] += 1
+            room -= 1
             sizes.append(size)
             positions.append(position)
             leases.append(self._new_lease(owner, lease))
@@ -450,6 +456,13 @@ class LeaseServer:
         }
 
 
+def _flat(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``'s bytes as a 1-D uint8 tensor (itself when it already is one)."""
+    if tensor.dtype == torch.uint8 and tensor.dim() == 1:
+        return tensor
+    return tensor.reshape(-1).view(torch.uint8)
+
+
 def _no_payload(header: p.Header) -> None:
     if header.payload_len:
         raise ProtocolError("lease requests carry no payload")
@@ -515,51 +528,63 @@ class LeaseTransport(TcpTransport):
         deferred: list[int],
     ) -> None:
         op = self.base + GET
+        groups = [batch[i : i + _GET_GROUP] for i in range(0, len(batch), _GET_GROUP)]
         sent_at = time.monotonic()
-        rid = self._request(op, LeaseGetRequest(keys=[keys[i] for i in batch]))
-        _, reply = self._reply(rid, op)
-        n = len(batch)
-        if len(reply.sizes) != n or len(reply.positions) != n or len(reply.leases) != n:
-            raise ProtocolError(f"{self.address}: LEASE_GET reply does not match the request")
-        spans: list[tuple[int, torch.Tensor]] = []
+        # Pipelined: every group's LEASE_GET goes out first, so that the server pins group k+1 while
+        # this side copies group k (replies come back in request order).
+        rids = [self._request(op, LeaseGetRequest(keys=[keys[i] for i in group])) for group in groups]
         taken: list[tuple[int, torch.Tensor, int]] = []
         leases: list[int] = []
+        ttl_ms = 1 << 40
         too_small: InvalidArgumentError | None = None
-        for i, size, position, lease in zip(batch, reply.sizes, reply.positions, reply.leases, strict=True):
-            if size == -2:
-                deferred.append(i)
-                continue
-            if size < 0:
-                continue
-            if lease <= 0 or position < 0:
-                raise ProtocolError(f"{self.address}: LEASE_GET hit without a lease")
-            leases.append(lease)
-            out = outs[i]
-            if out is None:
-                dest = torch.empty(size, dtype=torch.uint8)
-            else:
-                dest = out.reshape(-1).view(torch.uint8)
-                if dest.numel() < size:
-                    too_small = InvalidArgumentError(f"out holds {dest.numel()} bytes, the chunk has {size}")
-                    continue
-                dest = dest[:size]
-            spans.append((position, dest))
-            taken.append((i, dest, lease))
         try:
-            if spans:
-                self._read_many(spans)
+            for group, rid in zip(groups, rids, strict=True):
+                _, reply = self._reply(rid, op)
+                n = len(group)
+                if len(reply.sizes) != n or len(reply.positions) != n or len(reply.leases) != n:
+                    raise ProtocolError(f"{self.address}: LEASE_GET reply does not match the request")
+                ttl_ms = min(ttl_ms, reply.ttl_ms)
+                spans: list[tuple[int, torch.Tensor]] = []
+                for i, size, position, lease in zip(
+                    group, reply.sizes, reply.positions, reply.leases, strict=True
+                ):
+                    if size == -2:
+                        deferred.append(i)
+                        continue
+                    if size < 0:
+                        continue
+                    if lease <= 0 or position < 0:
+                        raise ProtocolError(f"{self.address}: LEASE_GET hit without a lease")
+                    leases.append(lease)
+                    out = outs[i]
+                    if out is None:
+                        dest = torch.empty(size, dtype=torch.uint8)
+                    else:
+                        dest = _flat(out)
+                        have = dest.numel()
+                        if have < size:
+                            too_small = InvalidArgumentError(f"out holds {have} bytes, the chunk has {size}")
+                            continue
+                        if have > size:
+                            dest = dest[:size]
+                    spans.append((position, dest))
+                    taken.append((i, dest, lease))
+                if spans:
+                    self._read_many(spans)
         except BaseException:
-            if leases:
-                self._release(leases)
+            # replies may still be in flight: this connection is out of step; the server ends its leases
+            self.close()
             raise
-        # The server granted the leases after this side sent the request, so they cannot have expired
+        # The server granted the leases after this side sent the requests, so they cannot have expired
         # before sent_at + ttl. Copies done well within that need no answer from RELEASE: it is sent now
         # and its reply read before the next one. Otherwise only leases RELEASE reports valid are hits.
-        if leases and reply.ttl_ms and (time.monotonic() - sent_at) * 2000 < reply.ttl_ms:
+        if not leases:
+            good: set[int] = set()
+        elif ttl_ms and (time.monotonic() - sent_at) * 2000 < ttl_ms:
             self._pending_releases.append(self._request(self.base + RELEASE, ReleaseRequest(leases=leases)))
             good = set(leases)
         else:
-            valid = self._release(leases) if leases else []
+            valid = self._release(leases)
             good = {lease for lease, ok in zip(leases, valid, strict=True) if ok}
         for i, dest, lease in taken:
             if lease in good:
@@ -621,7 +646,7 @@ class LeaseTransport(TcpTransport):
                 left.append(i)
                 continue
             item = items[i]
-            data = item.data.reshape(-1).view(torch.uint8)
+            data = _flat(item.data)
             granted.append(i)
             spans.append((position, data))
             commits.append(PutCommitItem(lease=lease, key=item.key, size=data.numel(), meta=_wire_meta(item)))

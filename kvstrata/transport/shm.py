@@ -221,7 +221,7 @@ class ShmServerExtension(ServerExtension):
 
     def _offset(self, data: torch.Tensor) -> int | None:
         """Offset of ``data`` in the segment when it lies inside the host pool part, else ``None``."""
-        if self.segment is None or data.device.type != "cpu":
+        if self.segment is None or not data.is_cpu:
             return None
         base = self.segment.tensor.data_ptr()
         ptr = data.data_ptr()
@@ -286,23 +286,31 @@ class ShmTransport(ls.LeaseTransport):
             raise ProtocolError(f"{self.address}: SHM_ATTACH reply is inconsistent")
         self.segment = SharedSegment.open(reply.segment, reply.size)
 
-    def _span(self, position: int, nbytes: int) -> torch.Tensor:
+    def _mapping(self) -> SharedSegment:
         seg = self.segment
         if seg is None:
             raise ConnectError(f"{self.address}: shared memory not mapped")
+        return seg
+
+    def _check(self, seg: SharedSegment, position: int, nbytes: int) -> None:
         if position < 0 or position + nbytes > seg.size:
             raise ProtocolError(
                 f"{self.address}: span {position}+{nbytes} outside the {seg.size}-byte segment"
             )
-        return seg.tensor.narrow(0, position, nbytes)
 
     def _read_many(self, spans: Sequence[tuple[int, torch.Tensor]]) -> None:
+        seg = self._mapping()
         for position, dest in spans:
-            dest.copy_(self._span(position, dest.numel()))
+            n = dest.numel()
+            self._check(seg, position, n)
+            dest.copy_(seg.tensor.narrow(0, position, n))  # straight from the mapping (or to a device)
 
     def _write_many(self, spans: Sequence[tuple[int, torch.Tensor]]) -> None:
+        seg = self._mapping()
         for position, src in spans:
-            self._span(position, src.numel()).copy_(src)
+            n = src.numel()
+            self._check(seg, position, n)
+            seg.tensor.narrow(0, position, n).copy_(src)
 
     def close(self) -> None:
         """Close the control connection and unmap the segment."""
