@@ -25,7 +25,8 @@ import os
 import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import torch
 from prometheus_client import Counter, Gauge
@@ -55,6 +56,7 @@ _BYTES_IN = Counter("kvstrata_server_payload_bytes_received", "Payload bytes rec
 _BYTES_OUT = Counter("kvstrata_server_payload_bytes_sent", "Payload bytes sent")
 _CONNECTIONS = Gauge("kvstrata_server_connections", "Open client connections")
 
+T = TypeVar("T")
 _STAGING = 64 * 1024
 _MAX_IOV = 512
 _HELLO_TIMEOUT_S = 5.0
@@ -300,6 +302,12 @@ class CacheServer:
         self._accept_task: asyncio.Task[None] | None = None
         self._tasks: dict[asyncio.Task[None], ServerConnection | None] = {}
         self._closing = False
+        # Disk tiers block (reads on a hit, demotion writes on a put): their calls run on worker threads
+        # so that one slow disk never stalls the event loop. Memory-only stores run inline (no hop).
+        self._offload = any(
+            getattr(t, "name", "") not in ("host", "device") for t in getattr(store, "tiers", ())
+        )
+        self._executor: ThreadPoolExecutor | None = None
         self._handlers: dict[int, Handler] = {
             p.Op.PING: _ping,
             p.Op.PUT: _put,
@@ -316,6 +324,14 @@ class CacheServer:
                 if opcode not in p.EXTENSION_OPS or opcode in self._handlers:
                     raise InvalidArgumentError(f"extension {ext.name}: opcode 0x{opcode:02x} is not free")
                 self._handlers[opcode] = handler
+
+    async def run_store(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a Store call: inline for memory tiers, on a worker thread when a disk tier may block."""
+        if not self._offload:
+            return fn(*args)
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kvstrata-store")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, lambda: fn(*args))
 
     @property
     def ready(self) -> bool:
@@ -367,6 +383,8 @@ class CacheServer:
                 ext.close()
             except Exception:
                 log.exception("closing transport extension %s failed", ext.name)
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
 
     async def _accept_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -561,39 +579,53 @@ async def _put(conn: ServerConnection, header: p.Header, meta: p.PutRequest) -> 
     if data is None:
         await conn.error(header.request_id, "corrupt", "payload checksum mismatch; chunk not stored")
         return
-    conn.store.put(meta.key, data, _chunk_meta(meta.meta))
+    await conn.server.run_store(conn.store.put, meta.key, data, _chunk_meta(meta.meta))
     await conn.reply(p.Op.PUT, header.request_id, p.Empty())
 
 
 async def _put_many(conn: ServerConnection, header: p.Header, meta: p.PutManyRequest) -> None:
     if sum(item.size for item in meta.items) != header.payload_len:
         raise ProtocolError("PUT_MANY item sizes do not add up to the payload length")
-    results: list[str] = []
     whole: torch.Tensor | None = None
-    offset = 0
     if header.payload_len <= conn.server.max_inflight_bytes:
         # One receive for the whole frame (fewer syscalls and wake-ups than one per chunk); the next
         # frame of a pipelining client keeps arriving in the kernel while these chunks are stored.
         whole = conn.receive_buffer(header.payload_len)
         await conn.read_payload_into(byte_view(whole))
-    for item in meta.items:
-        if whole is not None:
-            data: torch.Tensor | None = whole[offset : offset + item.size]
-            offset += item.size
-            if header.has_checksum and p.checksum(byte_view(data)) != item.checksum:  # type: ignore[arg-type]
-                data = None
-        else:
+        results = await conn.server.run_store(
+            _store_frame, conn.store, whole, meta.items, header.has_checksum
+        )
+    else:
+        results = []
+        for item in meta.items:
             data = await _receive_chunk(conn, item.size, item.checksum if header.has_checksum else None)
-        if data is None:
-            results.append("corrupt")
-            continue
-        try:
-            conn.store.put(item.key, data, _chunk_meta(item.meta))
-        except KVStrataError as exc:
-            results.append(error_code(exc))
-            continue
-        results.append("")
+            results.append(_store_one(conn.store, item, data))
     await conn.reply(p.Op.PUT_MANY, header.request_id, p.PutManyReply(results=results))
+
+
+def _store_one(store: Any, item: p.PutItem, data: torch.Tensor | None) -> str:
+    """Store one chunk of a PUT_MANY; its result code ("" when stored)."""
+    if data is None:
+        return "corrupt"
+    try:
+        store.put(item.key, data, _chunk_meta(item.meta))
+    except KVStrataError as exc:
+        return error_code(exc)
+    return ""
+
+
+def _store_frame(store: Any, whole: torch.Tensor, items: Sequence[p.PutItem], verify: bool) -> list[str]:
+    """Check and store every chunk of a received PUT_MANY frame (runs off the event loop when the
+    Store has a disk tier, whose demotions may block)."""
+    results: list[str] = []
+    offset = 0
+    for item in items:
+        data: torch.Tensor | None = whole[offset : offset + item.size]
+        offset += item.size
+        if verify and p.checksum(byte_view(data)) != item.checksum:  # type: ignore[arg-type]
+            data = None
+        results.append(_store_one(store, item, data))
+    return results
 
 
 def _acquire(conn: ServerConnection, key: bytes) -> ChunkHandle | None:
@@ -607,7 +639,7 @@ def _acquire(conn: ServerConnection, key: bytes) -> ChunkHandle | None:
 
 
 async def _get(conn: ServerConnection, header: p.Header, meta: p.KeyRequest) -> None:
-    handle = _acquire(conn, meta.key)
+    handle = await conn.server.run_store(_acquire, conn, meta.key)
     if handle is None:
         await conn.reply(p.Op.GET, header.request_id, p.GetReply(found=False))
         return
@@ -622,14 +654,29 @@ async def _get(conn: ServerConnection, header: p.Header, meta: p.KeyRequest) -> 
 
 async def _get_many(conn: ServerConnection, header: p.Header, meta: p.KeysRequest) -> None:
     budget = min(conn.server.max_payload, conn.server.max_inflight_bytes)
+    want_crc = header.has_checksum
+    handles, sizes, crcs, views = await conn.server.run_store(_collect, conn, meta.keys, budget, want_crc)
+    try:
+        reply = p.GetManyReply(sizes=sizes, checksums=crcs if want_crc else [])
+        await conn.reply(
+            p.Op.GET_MANY, header.request_id, reply, views, flags=p.Flag.CHECKSUM if want_crc else 0
+        )
+    finally:
+        for handle in handles:
+            handle.release()
+
+
+def _collect(
+    conn: ServerConnection, keys: Sequence[bytes], budget: int, want_crc: bool
+) -> tuple[list[ChunkHandle], list[int], list[int], list[memoryview]]:
+    """Pin the chunks of a GET_MANY up to ``budget`` bytes (the rest are deferred, -2; misses -1)."""
     handles: list[ChunkHandle] = []
     sizes: list[int] = []
     crcs: list[int] = []
     views: list[memoryview] = []
     total = 0
-    want_crc = header.has_checksum
     try:
-        for key in meta.keys:
+        for key in keys:
             if total >= budget and views:
                 sizes.append(-2)
                 crcs.append(0)
@@ -651,13 +698,11 @@ async def _get_many(conn: ServerConnection, header: p.Header, meta: p.KeysReques
             sizes.append(len(view))
             crcs.append(p.checksum(view) if want_crc else 0)
             total += len(view)
-        reply = p.GetManyReply(sizes=sizes, checksums=crcs if want_crc else [])
-        await conn.reply(
-            p.Op.GET_MANY, header.request_id, reply, views, flags=p.Flag.CHECKSUM if want_crc else 0
-        )
-    finally:
+    except BaseException:
         for handle in handles:
             handle.release()
+        raise
+    return handles, sizes, crcs, views
 
 
 async def _exists(conn: ServerConnection, header: p.Header, meta: p.KeysRequest) -> None:

@@ -269,3 +269,23 @@ def test_stop_finishes_in_flight_and_refuses_new(server: InProcessServer) -> Non
     assert time.monotonic() - start < 5
     with pytest.raises(ConnectError):
         Client(server.url, timeout=1).get(chunk_key(1))
+
+
+def test_store_with_a_disk_tier_is_served_off_the_event_loop(tmp_path: object) -> None:
+    from kvstrata.kvstore.disk import DiskTier
+    from kvstrata.kvstore.host import HostTier
+    from kvstrata.kvstore.store import Store
+
+    store = Store([HostTier(4 * (64 << 10), 64 << 10), DiskTier(str(tmp_path), 16 << 20)])
+    with InProcessServer(store=store) as srv, Client(srv.url) as client:
+        assert srv.server is not None and srv.server._offload
+        keys = [chunk_key(i, b"disk") for i in range(12)]
+        data = [torch.full((50 << 10,), i, dtype=torch.uint8) for i in range(12)]
+        client.put_many(keys, data)  # more than the host tier holds: the coldest go to disk
+        store.flush(10)
+        found = client.lookup_prefix(keys)
+        assert found.num_chunks == 12 and "disk" in found.tiers and "host" in found.tiers
+        got = client.get_many(keys)
+        assert all(g is not None and torch.equal(g, d) for g, d in zip(got, data, strict=True))
+        one = client.get(keys[0])
+        assert one is not None and torch.equal(one, data[0])

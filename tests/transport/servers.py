@@ -24,8 +24,10 @@ from tests.conftest import free_port
 class InProcessServer:
     """A CacheServer over a fresh host-tier Store, served from a background event loop thread."""
 
-    def __init__(self, capacity: int = 64 << 20, slot: int = 1 << 20, **server_kwargs: Any) -> None:
-        self.store = Store([HostTier(capacity, slot)])
+    def __init__(
+        self, capacity: int = 64 << 20, slot: int = 1 << 20, *, store: Any = None, **server_kwargs: Any
+    ) -> None:
+        self.store = store if store is not None else Store([HostTier(capacity, slot)])
         self._kwargs = server_kwargs
         self._ready = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
