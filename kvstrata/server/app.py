@@ -58,6 +58,8 @@ _CONNECTIONS = Gauge("kvstrata_server_connections", "Open client connections")
 
 T = TypeVar("T")
 _STAGING = 64 * 1024
+#: Largest receive buffer a connection keeps between requests.
+_KEEP_BUFFER = 8 << 20
 _MAX_IOV = 512
 _HELLO_TIMEOUT_S = 5.0
 
@@ -216,8 +218,9 @@ class ServerConnection:
         buf = self._recv_buffer
         if buf is None or buf.numel() < nbytes:
             buf = torch.empty(max(nbytes, 1 << 16), dtype=torch.uint8)
-            # Keep it for the next request only while it is within the per-connection budget.
-            self._recv_buffer = buf if nbytes <= self.server.max_inflight_bytes else None
+            # Kept for the next request only up to _KEEP_BUFFER bytes (a pipelining client's frames are
+            # smaller), so an idle connection never pins more than that.
+            self._recv_buffer = buf if nbytes <= _KEEP_BUFFER else None
         return buf[:nbytes]
 
     # -- writing -------------------------------------------------------------------------------------
