@@ -170,9 +170,31 @@ def test_non_loopback_bind_without_token_is_refused() -> None:
 
     from kvstrata.cli import app
 
-    out = CliRunner().invoke(app, ["serve", "--host", "0.0.0.0", "--port", "0", "--disk-cache", "0"])
+    args = [
+        "serve",
+        "--host",
+        "0.0.0.0",
+        "--port",
+        "0",
+        "--disk-cache",
+        "0",
+        "--index",
+        "redis://127.0.0.1:1/0",
+    ]
+    out = CliRunner().invoke(app, args)
     assert out.exit_code == 2
     assert "without a token" in out.output
+    help_text = CliRunner().invoke(app, ["serve", "--help"]).output
+    for flag in (
+        "--host-cache",
+        "--disk-cache",
+        "--disk-dir",
+        "--index",
+        "--token-file",
+        "--insecure",
+        "--config",
+    ):
+        assert flag in help_text
 
 
 def test_version_mismatch_fails_at_hello(server: ServeProcess) -> None:
