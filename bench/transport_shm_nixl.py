@@ -6,6 +6,9 @@ Each case gets ``bench/transport.py``'s context (``ctx.server.port``, ``ctx.size
 - ``shm_put_<size>`` / ``shm_get_<size>``: ``put_many`` / ``get_many`` (into preallocated tensors) through
   ``kvs+shm://``; ceiling = ``torch.Tensor.copy_`` of the same chunks into / out of one warm pool in this
   process (``copy_put_<size>`` / ``copy_get_<size>``). Goal: ratio >= 0.7.
+
+Each case and its ceiling are timed in alternation (best of ``ctx.repeat`` rounds each), so that on a
+shared machine both see the same load.
 - ``nixl_put_<size>`` / ``nixl_get_<size>``: the same through ``kvs+nixl://`` (UCX DRAM to DRAM on a
   CPU-only machine); ceiling = the tcp transport (``kvs://``, checksums on) moving the same chunks in the
   same run, so the ratio is nixl / tcp.
@@ -14,12 +17,13 @@ Each case gets ``bench/transport.py``'s context (``ctx.server.port``, ``ctx.size
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from bench._common import best_time, emit, gib_per_s, log
+from bench._common import emit, gib_per_s, log
 
 __all__ = ["SHM_NIXL_CASES", "bench_nixl", "bench_shm"]
 
@@ -30,57 +34,83 @@ def _label(size: int) -> str:
     return f"{size // (1 << 20)}MiB" if size >= 1 << 20 else f"{size // 1024}KiB"
 
 
-def _moves(ctx: Any, url: str, size: int, salt: str) -> tuple[float, float]:
-    """GiB/s of put_many and get_many (into preallocated tensors) of ``ctx.chunks`` chunks through ``url``."""
-    from kvstrata.client import Client
+class _Mover:
+    """One Client moving ``ctx.chunks`` chunks of ``size`` bytes through ``url`` (put_many / get_many)."""
 
-    keys = [hashlib.blake2b(f"{salt}{size}/{i}".encode(), digest_size=16).digest() for i in range(ctx.chunks)]
-    data = [torch.randint(0, 256, (size,), dtype=torch.uint8) for _ in keys]
-    outs = [torch.ones(size, dtype=torch.uint8) for _ in keys]
-    total = size * ctx.chunks
-    got: list[torch.Tensor | None] = []
-    with Client(url, timeout=60) as client:
-        put = gib_per_s(total, best_time(lambda: client.put_many(keys, data), repeat=ctx.repeat))
+    def __init__(self, ctx: Any, url: str, size: int, salt: str) -> None:
+        from kvstrata.client import Client
 
-        def get() -> None:
-            got[:] = client.get_many(keys, outs)
+        self.client = Client(url, timeout=60)
+        self.keys = [
+            hashlib.blake2b(f"{salt}{size}/{i}".encode(), digest_size=16).digest() for i in range(ctx.chunks)
+        ]
+        self.data = [torch.randint(0, 256, (size,), dtype=torch.uint8) for _ in self.keys]
+        self.outs = [torch.ones(size, dtype=torch.uint8) for _ in self.keys]
+        self.got: list[torch.Tensor | None] = []
 
-        rate = gib_per_s(total, best_time(get, repeat=ctx.repeat))
-    if any(g is None or not torch.equal(g, d) for g, d in zip(got, data, strict=True)):
-        raise RuntimeError(f"{url}: wrong bytes came back at {_label(size)}")
-    return put, rate
+    def put(self) -> None:
+        self.client.put_many(self.keys, self.data)
+
+    def get(self) -> None:
+        self.got = self.client.get_many(self.keys, self.outs)
+
+    def check(self, what: str) -> None:
+        if any(g is None or not torch.equal(g, d) for g, d in zip(self.got, self.data, strict=True)):
+            raise RuntimeError(f"{what}: wrong bytes came back")
+
+    def close(self) -> None:
+        self.client.close()
 
 
-def _copy_ceiling(ctx: Any, size: int) -> tuple[float, float]:
-    """GiB/s of ``torch.Tensor.copy_`` of the same chunks into and out of one preallocated pool."""
-    srcs = [torch.randint(0, 256, (size,), dtype=torch.uint8) for _ in range(ctx.chunks)]
-    outs = [torch.ones(size, dtype=torch.uint8) for _ in range(ctx.chunks)]
-    pool = torch.ones(size * ctx.chunks, dtype=torch.uint8)  # pages faulted in, like a warm host pool
-    slots = [pool[i * size : (i + 1) * size] for i in range(ctx.chunks)]
+class _CopyPool:
+    """The ceiling: ``torch.Tensor.copy_`` of the same chunks into and out of one warm pool here."""
 
-    def put() -> None:
-        for slot, src in zip(slots, srcs, strict=True):
+    def __init__(self, ctx: Any, size: int) -> None:
+        self.srcs = [torch.randint(0, 256, (size,), dtype=torch.uint8) for _ in range(ctx.chunks)]
+        self.outs = [torch.ones(size, dtype=torch.uint8) for _ in range(ctx.chunks)]
+        self.pool = torch.ones(size * ctx.chunks, dtype=torch.uint8)  # pages faulted in, like a warm pool
+        self.slots = [self.pool[i * size : (i + 1) * size] for i in range(ctx.chunks)]
+
+    def put(self) -> None:
+        for slot, src in zip(self.slots, self.srcs, strict=True):
             slot.copy_(src)
 
-    def get() -> None:
-        for out, slot in zip(outs, slots, strict=True):
+    def get(self) -> None:
+        for out, slot in zip(self.outs, self.slots, strict=True):
             out.copy_(slot)
 
-    total = size * ctx.chunks
-    put_rate = gib_per_s(total, best_time(put, repeat=ctx.repeat))
-    return put_rate, gib_per_s(total, best_time(get, repeat=ctx.repeat))
+
+def _interleaved(repeat: int, *fns: Callable[[], object]) -> list[float]:
+    """Best time of each function, timed in alternation so that all of them see the same machine load."""
+    for fn in fns:
+        fn()
+    best = [float("inf")] * len(fns)
+    for _ in range(repeat):
+        for i, fn in enumerate(fns):
+            start = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - start)
+    return best
 
 
 def bench_shm(ctx: Any) -> None:
     """The shm transport (``kvs+shm://``) against ``copy_`` of the same bytes (goal: ratio >= 0.7)."""
     for size in ctx.sizes:
-        put_ceiling, get_ceiling = _copy_ceiling(ctx, size)
-        put, get = _moves(ctx, f"kvs+shm://127.0.0.1:{ctx.server.port}", size, "shm")
+        ceiling = _CopyPool(ctx, size)
+        mover = _Mover(ctx, f"kvs+shm://127.0.0.1:{ctx.server.port}", size, "shm")
+        try:
+            copy_put, shm_put, copy_get, shm_get = _interleaved(
+                ctx.repeat, ceiling.put, mover.put, ceiling.get, mover.get
+            )
+            mover.check(f"shm at {_label(size)}")
+        finally:
+            mover.close()
+        total = size * ctx.chunks
         label = _label(size)
-        emit(BENCH, f"copy_put_{label}", put_ceiling, "GiB/s")
-        emit(BENCH, f"copy_get_{label}", get_ceiling, "GiB/s")
-        emit(BENCH, f"shm_put_{label}", put, "GiB/s", put_ceiling)
-        emit(BENCH, f"shm_get_{label}", get, "GiB/s", get_ceiling)
+        emit(BENCH, f"copy_put_{label}", gib_per_s(total, copy_put), "GiB/s")
+        emit(BENCH, f"copy_get_{label}", gib_per_s(total, copy_get), "GiB/s")
+        emit(BENCH, f"shm_put_{label}", gib_per_s(total, shm_put), "GiB/s", gib_per_s(total, copy_put))
+        emit(BENCH, f"shm_get_{label}", gib_per_s(total, shm_get), "GiB/s", gib_per_s(total, copy_get))
 
 
 def bench_nixl(ctx: Any) -> None:
@@ -95,11 +125,33 @@ def bench_nixl(ctx: Any) -> None:
         log("nixl is not installed (pip install kvstrata[nixl]): skipping the nixl cases")
         return
     for size in ctx.sizes:
-        tcp_put, tcp_get = _moves(ctx, f"kvs://127.0.0.1:{ctx.server.port}", size, "nixl-tcp")
-        put, get = _moves(ctx, f"kvs+nixl://127.0.0.1:{ctx.server.port}", size, "nixl")
+        tcp = _Mover(ctx, f"kvs://127.0.0.1:{ctx.server.port}", size, "nixl-tcp")
+        nx = _Mover(ctx, f"kvs+nixl://127.0.0.1:{ctx.server.port}", size, "nixl")
+        try:
+            tcp_put, nixl_put, tcp_get, nixl_get = _interleaved(ctx.repeat, tcp.put, nx.put, tcp.get, nx.get)
+            tcp.check(f"tcp at {_label(size)}")
+            nx.check(f"nixl at {_label(size)}")
+        finally:
+            tcp.close()
+            nx.close()
+        total = size * ctx.chunks
         label = _label(size)
-        emit(BENCH, f"nixl_put_{label}", put, "GiB/s", tcp_put, ceiling_is="tcp transport")
-        emit(BENCH, f"nixl_get_{label}", get, "GiB/s", tcp_get, ceiling_is="tcp transport")
+        emit(
+            BENCH,
+            f"nixl_put_{label}",
+            gib_per_s(total, nixl_put),
+            "GiB/s",
+            gib_per_s(total, tcp_put),
+            ceiling_is="tcp transport",
+        )
+        emit(
+            BENCH,
+            f"nixl_get_{label}",
+            gib_per_s(total, nixl_get),
+            "GiB/s",
+            gib_per_s(total, tcp_get),
+            ceiling_is="tcp transport",
+        )
 
 
 #: transport name -> case function, merged into ``bench/transport.py``'s registry.

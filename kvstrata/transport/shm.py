@@ -4,9 +4,10 @@ The server's host tier is carved from one POSIX shared-memory segment (``/dev/sh
 server's user, followed by a few staging slots). A local client connects over the usual kvs control
 connection (HELLO, auth), then asks for the segment's name with ``SHM_ATTACH`` — the name is never in the
 pre-auth greeting — and maps it. Gets and puts then follow :mod:`kvstrata.transport.lease`: the server pins
-the chunk and returns its offset, the client ``copy_``s between its tensor and the mapping and releases the
-lease; a put is written into a leased staging slot and committed (one server-side copy into the pool,
-because the host tier has no reserve-then-commit call).
+the chunk and returns its offset, the client copies straight between its tensor and the mapping (one
+single-threaded memcpy for host tensors, ``copy_`` for device tensors) and releases the lease; a put is
+written into a leased staging slot and committed (one server-side copy into the pool, because the host tier
+has no reserve-then-commit call).
 
 Opcodes (see ``docs/protocol.md``, "shm"): ``0x40`` SHM_ATTACH, ``0x41`` LEASE_GET, ``0x42`` RELEASE,
 ``0x43`` PUT_BEGIN, ``0x44`` PUT_COMMIT.
@@ -29,6 +30,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import msgspec
+import numpy as np
 import torch
 
 from kvstrata.errors import ConfigError, ConnectError, ProtocolError, RemoteError
@@ -76,6 +78,10 @@ class SharedSegment:
         self.tensor = (
             torch.frombuffer(mapping, dtype=torch.uint8) if size else torch.empty(0, dtype=torch.uint8)
         )
+        #: the same bytes as a numpy array: host-to-host copies are one single-threaded memcpy each (torch's
+        #: copy_ splits a chunk over its OpenMP threads, and on a small machine whose other core is busy
+        #: with the server, waiting for that thread to be scheduled costs more than the copy)
+        self.array: np.ndarray[Any, np.dtype[np.uint8]] = self.tensor.numpy()
 
     @classmethod
     def create(cls, size: int) -> SharedSegment:
@@ -130,6 +136,7 @@ class SharedSegment:
                 pass
             self.owner = False
         self.tensor = torch.empty(0, dtype=torch.uint8)
+        self.array = self.tensor.numpy()
         mapping, self._mmap = self._mmap, None
         if mapping is not None:
             try:
@@ -303,14 +310,20 @@ class ShmTransport(ls.LeaseTransport):
         for position, dest in spans:
             n = dest.numel()
             self._check(seg, position, n)
-            dest.copy_(seg.tensor.narrow(0, position, n))  # straight from the mapping (or to a device)
+            if dest.is_cpu:
+                np.copyto(dest.numpy(), seg.array[position : position + n])
+            else:
+                dest.copy_(seg.tensor.narrow(0, position, n))  # straight from the mapping to the device
 
     def _write_many(self, spans: Sequence[tuple[int, torch.Tensor]]) -> None:
         seg = self._mapping()
         for position, src in spans:
             n = src.numel()
             self._check(seg, position, n)
-            seg.tensor.narrow(0, position, n).copy_(src)
+            if src.is_cpu:
+                np.copyto(seg.array[position : position + n], src.numpy())
+            else:
+                seg.tensor.narrow(0, position, n).copy_(src)
 
     def close(self) -> None:
         """Close the control connection and unmap the segment."""
