@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -62,6 +63,7 @@ class TcpTransport(Transport):
         self._deadline = 0.0
         self._header_buf = bytearray(p.HEADER_SIZE)
         self._chunk_hint = 512 << 10
+        self._armed = 0.0
         self.greeting: p.ServerHello | None = None
 
     # -- state -------------------------------------------------------------------------------------
@@ -106,12 +108,32 @@ class TcpTransport(Transport):
             raise ConnectError(f"{self.address}: not connected")
         return self._sock
 
+    def _arm(self, sock: socket.socket) -> None:
+        """Kernel-level send/receive timeouts for what is left of the call's deadline.
+
+        The socket itself stays blocking: a Python-level timeout would poll() before every recv, and
+        MSG_WAITALL could not fill a whole chunk in one call.
+        """
+        left = self._remaining()
+        # Re-arm when the call may last longer than armed, or when the armed value overshoots the
+        # deadline by more than a little (setsockopt is two syscalls; not worth it per recv).
+        if left > self._armed or self._armed - left > max(0.02, 0.1 * left):
+            seconds = int(left)
+            micros = max(int((left - seconds) * 1e6), 1000 if seconds == 0 else 0)
+            timeval = struct.pack("@ll", seconds, micros)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+            self._armed = left
+
     def _send(self, parts: list[Any]) -> None:
         sock = self._sock_or_fail()
         views = [memoryview(x).cast("B") for x in parts if len(x)]
         while views:
-            sock.settimeout(self._remaining())
-            sent = sock.sendmsg(views[:_MAX_IOV])
+            self._arm(sock)
+            try:
+                sent = sock.sendmsg(views[:_MAX_IOV])
+            except BlockingIOError as exc:  # SO_SNDTIMEO expired
+                raise RequestTimeoutError(f"{self.address}: request timed out") from exc
             while sent:
                 head = views[0]
                 if sent >= len(head):
@@ -125,8 +147,11 @@ class TcpTransport(Transport):
         sock = self._sock_or_fail()
         got, total = 0, len(view)
         while got < total:
-            sock.settimeout(self._remaining())
-            n = sock.recv_into(view[got:])
+            self._arm(sock)
+            try:
+                n = sock.recv_into(view[got:], 0, socket.MSG_WAITALL)
+            except BlockingIOError as exc:  # SO_RCVTIMEO expired
+                raise RequestTimeoutError(f"{self.address}: request timed out") from exc
             if n == 0:
                 raise ConnectError(f"{self.address}: the server closed the connection")
             got += n
@@ -199,6 +224,8 @@ class TcpTransport(Transport):
             self._broken = True
             raise ConnectError(f"cannot connect to {self.address}: {exc}") from exc
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.settimeout(None)  # blocking; deadlines are enforced by SO_RCVTIMEO / SO_SNDTIMEO (_arm)
+        self._armed = 0.0
         self._sock = sock
         self._broken = False
         self._call(timeout, self._handshake)
