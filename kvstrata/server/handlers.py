@@ -1,0 +1,262 @@
+"""The request handlers of the cache server: one coroutine per opcode, plus the Store calls they make.
+
+Each handler reads (or skips) its request's payload through the :class:`ServerConnection` and sends
+exactly one reply; a :class:`KVStrataError` it raises becomes a typed ERROR reply (see ``app.py``).
+Store calls go through ``server.run_store`` (off the event loop when a disk tier may block).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from kvstrata.errors import KVStrataError, ProtocolError
+from kvstrata.kvstore.tier import ChunkHandle, ChunkMeta
+from kvstrata.transport import protocol as p
+from kvstrata.transport.tcp import byte_view
+
+if TYPE_CHECKING:
+    from kvstrata.server.app import CacheServer, ServerConnection
+
+__all__ = ["HANDLERS", "error_code", "stats_payload"]
+
+
+def error_code(exc: BaseException) -> str:
+    """The wire error code of an exception (the inverse of :data:`protocol.ERROR_CODES`)."""
+    from kvstrata.errors import AuthenticationError, InvalidArgumentError, VersionMismatchError
+
+    for code, cls in p.ERROR_CODES.items():
+        if type(exc) is cls:
+            return code
+    if isinstance(exc, VersionMismatchError):
+        return "version_mismatch"
+    if isinstance(exc, ProtocolError):
+        return "protocol"
+    if isinstance(exc, AuthenticationError):
+        return "auth"
+    if isinstance(exc, InvalidArgumentError):
+        return "invalid_argument"
+    for code in ("too_large", "full", "io"):
+        if isinstance(exc, p.ERROR_CODES[code]):
+            return code
+    return "internal"
+
+
+def _chunk_meta(meta: p.WireMeta) -> ChunkMeta:
+    return ChunkMeta(
+        block_keys=tuple(meta.block_keys),
+        fingerprint=meta.fingerprint,
+        codec=meta.codec,
+        num_tokens=meta.num_tokens,
+    )
+
+
+def _wire_meta(meta: ChunkMeta) -> p.WireMeta:
+    return p.WireMeta(
+        block_keys=list(meta.block_keys),
+        fingerprint=meta.fingerprint,
+        codec=meta.codec,
+        num_tokens=meta.num_tokens,
+    )
+
+
+# ---- handlers ---------------------------------------------------------------------------------------
+
+
+async def _ping(conn: ServerConnection, header: p.Header, meta: Any) -> None:
+    await conn.reply(p.Op.PING, header.request_id, p.Empty())
+
+
+async def _receive_chunk(conn: ServerConnection, size: int, crc: int | None) -> torch.Tensor | None:
+    """Read one chunk's payload into the connection's buffer; ``None`` if its checksum fails."""
+    buf = conn.receive_buffer(size)
+    view = byte_view(buf)
+    await conn.read_payload_into(view)
+    if crc is not None and p.checksum(view) != crc:
+        return None
+    return buf
+
+
+async def _put(conn: ServerConnection, header: p.Header, meta: p.PutRequest) -> None:
+    data = await _receive_chunk(conn, header.payload_len, header.checksum if header.has_checksum else None)
+    if data is None:
+        await conn.error(header.request_id, "corrupt", "payload checksum mismatch; chunk not stored")
+        return
+    await conn.server.run_store(conn.store.put, meta.key, data, _chunk_meta(meta.meta))
+    await conn.reply(p.Op.PUT, header.request_id, p.Empty())
+
+
+async def _put_many(conn: ServerConnection, header: p.Header, meta: p.PutManyRequest) -> None:
+    if sum(item.size for item in meta.items) != header.payload_len:
+        raise ProtocolError("PUT_MANY item sizes do not add up to the payload length")
+    whole: torch.Tensor | None = None
+    if header.payload_len <= conn.server.max_inflight_bytes:
+        # One receive for the whole frame (fewer syscalls and wake-ups than one per chunk); the next
+        # frame of a pipelining client keeps arriving in the kernel while these chunks are stored.
+        whole = conn.receive_buffer(header.payload_len)
+        await conn.read_payload_into(byte_view(whole))
+        results = await conn.server.run_store(
+            _store_frame, conn.store, whole, meta.items, header.has_checksum
+        )
+    else:
+        results = []
+        for item in meta.items:
+            data = await _receive_chunk(conn, item.size, item.checksum if header.has_checksum else None)
+            results.append(_store_one(conn.store, item, data))
+    await conn.reply(p.Op.PUT_MANY, header.request_id, p.PutManyReply(results=results))
+
+
+def _store_one(store: Any, item: p.PutItem, data: torch.Tensor | None) -> str:
+    """Store one chunk of a PUT_MANY; its result code ("" when stored)."""
+    if data is None:
+        return "corrupt"
+    try:
+        store.put(item.key, data, _chunk_meta(item.meta))
+    except KVStrataError as exc:
+        return error_code(exc)
+    return ""
+
+
+def _store_frame(store: Any, whole: torch.Tensor, items: Sequence[p.PutItem], verify: bool) -> list[str]:
+    """Check and store every chunk of a received PUT_MANY frame (runs off the event loop when the
+    Store has a disk tier, whose demotions may block)."""
+    results: list[str] = []
+    offset = 0
+    for item in items:
+        data: torch.Tensor | None = whole[offset : offset + item.size]
+        offset += item.size
+        if verify and p.checksum(byte_view(data)) != item.checksum:  # type: ignore[arg-type]
+            data = None
+        results.append(_store_one(store, item, data))
+    return results
+
+
+def _acquire(conn: ServerConnection, key: bytes) -> ChunkHandle | None:
+    handle: ChunkHandle | None = conn.store.acquire(key)
+    if handle is not None and handle.data.device.type != "cpu":
+        # A device-tier hit: tcp sends from host memory (one copy out of the GPU).
+        host = handle.data.cpu()
+        handle.release()
+        handle = ChunkHandle(handle.key, host, handle.meta)
+    return handle
+
+
+async def _get(conn: ServerConnection, header: p.Header, meta: p.KeyRequest) -> None:
+    handle = await conn.server.run_store(_acquire, conn, meta.key)
+    if handle is None:
+        await conn.reply(p.Op.GET, header.request_id, p.GetReply(found=False))
+        return
+    try:
+        view = byte_view(handle.data)
+        crc = p.checksum(view) if header.has_checksum else None
+        reply = p.GetReply(found=True, meta=_wire_meta(handle.meta))
+        await conn.reply(p.Op.GET, header.request_id, reply, [view], checksum=crc)
+    finally:
+        handle.release()
+
+
+async def _get_many(conn: ServerConnection, header: p.Header, meta: p.KeysRequest) -> None:
+    budget = min(conn.server.max_payload, conn.server.max_inflight_bytes)
+    want_crc = header.has_checksum
+    handles, sizes, crcs, views = await conn.server.run_store(_collect, conn, meta.keys, budget, want_crc)
+    try:
+        reply = p.GetManyReply(sizes=sizes, checksums=crcs if want_crc else [])
+        await conn.reply(
+            p.Op.GET_MANY, header.request_id, reply, views, flags=p.Flag.CHECKSUM if want_crc else 0
+        )
+    finally:
+        for handle in handles:
+            handle.release()
+
+
+def _collect(
+    conn: ServerConnection, keys: Sequence[bytes], budget: int, want_crc: bool
+) -> tuple[list[ChunkHandle], list[int], list[int], list[memoryview]]:
+    """Pin the chunks of a GET_MANY up to ``budget`` bytes (the rest are deferred, -2; misses -1)."""
+    handles: list[ChunkHandle] = []
+    sizes: list[int] = []
+    crcs: list[int] = []
+    views: list[memoryview] = []
+    total = 0
+    try:
+        for key in keys:
+            if total >= budget and views:
+                sizes.append(-2)
+                crcs.append(0)
+                continue
+            handle = _acquire(conn, key)
+            if handle is None:
+                sizes.append(-1)
+                crcs.append(0)
+                continue
+            view = byte_view(handle.data)
+            if views and total + len(view) > budget:
+                handle.release()
+                sizes.append(-2)
+                crcs.append(0)
+                total = budget
+                continue
+            handles.append(handle)
+            views.append(view)
+            sizes.append(len(view))
+            crcs.append(p.checksum(view) if want_crc else 0)
+            total += len(view)
+    except BaseException:
+        for handle in handles:
+            handle.release()
+        raise
+    return handles, sizes, crcs, views
+
+
+async def _exists(conn: ServerConnection, header: p.Header, meta: p.KeysRequest) -> None:
+    present = [conn.store.contains(k) for k in meta.keys]
+    await conn.reply(p.Op.EXISTS, header.request_id, p.ExistsReply(present=present))
+
+
+async def _lookup_prefix(conn: ServerConnection, header: p.Header, meta: p.KeysRequest) -> None:
+    found = conn.store.lookup_prefix(meta.keys)
+    reply = p.LookupReply(num_chunks=found.num_chunks, tiers=list(found.tiers))
+    await conn.reply(p.Op.LOOKUP_PREFIX, header.request_id, reply)
+
+
+async def _delete(conn: ServerConnection, header: p.Header, meta: p.KeysRequest) -> None:
+    removed = [bool(conn.store.remove(k)) for k in meta.keys]
+    await conn.reply(p.Op.DELETE, header.request_id, p.DeleteReply(removed=removed))
+
+
+def stats_payload(server: CacheServer) -> tuple[dict[str, dict[str, int]], dict[str, int]]:
+    """Per-tier counters and server counters (shared by STATS and the admin API)."""
+    tiers: Mapping[str, Any] = server.store.stats()
+    out = {
+        name: {k: int(v) for k, v in vars(snap).items()} if hasattr(snap, "__dict__") else _slots(snap)
+        for name, snap in tiers.items()
+    }
+    counters = dict(server.counters)
+    counters["uptime_s"] = int(time.time() - server.started_at)
+    return out, counters
+
+
+def _slots(obj: Any) -> dict[str, int]:
+    return {name: int(getattr(obj, name)) for name in getattr(obj, "__slots__", ())}
+
+
+async def _stats(conn: ServerConnection, header: p.Header, meta: Any) -> None:
+    tiers, counters = stats_payload(conn.server)
+    await conn.reply(p.Op.STATS, header.request_id, p.StatsReply(tiers=tiers, server=counters))
+
+
+#: opcode -> handler of the core protocol (transport extensions add theirs).
+HANDLERS: Mapping[int, Any] = {
+    p.Op.PING: _ping,
+    p.Op.PUT: _put,
+    p.Op.PUT_MANY: _put_many,
+    p.Op.GET: _get,
+    p.Op.GET_MANY: _get_many,
+    p.Op.EXISTS: _exists,
+    p.Op.LOOKUP_PREFIX: _lookup_prefix,
+    p.Op.DELETE: _delete,
+    p.Op.STATS: _stats,
+}
