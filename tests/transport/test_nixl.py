@@ -26,7 +26,7 @@ from tests.transport.servers import ServeProcess
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "a-shared-token-for-the-nixl-tests"
-NIXL_ENV = {"KVSTRATA_SERVER_TRANSPORTS": "tcp,nixl", "UCX_TLS": "tcp,cma,self,sm"}
+NIXL_ENV = {"KVSTRATA_SERVER_TRANSPORTS": "tcp,nixl"}
 
 
 def _have_nixl() -> bool:
