@@ -116,6 +116,7 @@ class SlotPool:
         #: Slot sizes of the classes, smallest first; the last one is the whole page (``slot_bytes``).
         self.class_sizes: tuple[int, ...] = tuple(sizes)
         self._top = len(sizes) - 1
+        self._largest_small = sizes[-2] if len(sizes) > 1 else 0  # above it: the page class
         self._min_shift = min_class.bit_length() - 1
         self._per_page = [slot_bytes // s for s in sizes]
 
@@ -201,16 +202,22 @@ class SlotPool:
     def alloc(self, nbytes: int) -> int | None:
         """The offset of a free slot of the smallest class holding ``nbytes``, or ``None`` when that class
         has no free slot and no page is free."""
-        index = self.class_of(nbytes)
-        if index == self._top:
-            page = self._take_page()
-            if page is None:
+        if nbytes > self._largest_small:
+            # The page class (the common case of chunks of the configured chunk size): a page of its own.
+            if nbytes > self.slot_bytes:
+                raise InvalidArgumentError(
+                    f"{nbytes} bytes exceed the pool's largest slot ({self.slot_bytes})"
+                )
+            taken = self._free_pages.pop() if self._free_pages else self._take_page()
+            if taken is None:
                 return None
-            self._page_class[page] = index
+            page = taken
+            self._page_class[page] = self._top
             self._page_used[page] = 1
             self.used_bytes += self.slot_bytes
             self.used_slots += 1
             return page * self.slot_bytes
+        index = self.class_of(nbytes)
         partial = self._partial[index]
         if partial:
             page = next(reversed(partial))  # the page this class used last: its slots are warm
@@ -219,13 +226,14 @@ class SlotPool:
             if not free:
                 del partial[page]
         else:
-            page = self._take_page()
-            if page is None:
+            taken = self._take_page()
+            if taken is None:
                 return None
+            page = taken
             size = self.class_sizes[index]
             offset = page * self.slot_bytes
             # The rest of the page, highest offset first so that pops hand out slots in address order.
-            free = [offset + i * size for i in range(self._per_page[index] - 1, 0, -1)]
+            free = list(range(offset + (self._per_page[index] - 1) * size, offset, -size))
             self._page_free[page] = free
             self._page_class[page] = index
             if free:
@@ -239,16 +247,19 @@ class SlotPool:
         """Give the slot at ``offset`` back; its page returns to the free-page list once wholly free."""
         page = offset // self.slot_bytes
         index = self._page_class[page]
+        if index == self._top:
+            self.used_bytes -= self.slot_bytes
+            self.used_slots -= 1
+            self._page_used[page] = 0
+            self._page_class[page] = -1
+            self._free_pages.append(page)
+            return
         if index < 0:
             raise InvalidArgumentError(f"offset {offset} is not in a page in use")
         self.used_bytes -= self.class_sizes[index]
         self.used_slots -= 1
         used = self._page_used[page] - 1
         self._page_used[page] = used
-        if index == self._top:
-            self._page_class[page] = -1
-            self._free_pages.append(page)
-            return
         free = self._page_free[page]
         if used == 0:
             # Wholly free: back to the free-page list, for any class.
@@ -263,7 +274,7 @@ class SlotPool:
 
     def _take_page(self) -> int | None:
         if self._free_pages:
-            return self._free_pages.pop()
+            return self._free_pages.pop()  # warm
         if self._fresh >= self.num_pages:
             return None
         page = self._fresh

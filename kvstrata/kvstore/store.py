@@ -4,7 +4,9 @@ Call order and semantics
 ------------------------
 - ``put(key, data, meta)`` lands in the top tier that can hold the chunk. When that tier is full, its
   coldest unpinned chunks are first copied to the next tier down (write-back; recursively, so nothing is
-  lost while a lower tier has room) and only then dropped. A tier whose every chunk is pinned, which is
+  lost while a lower tier has room) and only then dropped. A memory tier names exactly the chunks whose
+  removal places this one (``victims_for``: a chunk of the same slab class, or every chunk of one page; see
+  :mod:`kvstrata.kvstore.memory`). A tier whose every chunk is pinned, which is
   too small for the chunk, or whose medium fails is passed over for the next one down; when no tier takes
   the chunk the last error is raised (:class:`TierFullError`, :class:`ChunkTooLargeError`,
   :class:`TierIOError`). Older copies of the key in the other tiers are dropped (a remote tier, shared
@@ -124,10 +126,18 @@ def _put_if_absent(tier: Tier, key: bytes, data: torch.Tensor, meta: ChunkMeta, 
 
 def _victims_for(tier: Tier, num_bytes: int) -> list[bytes]:
     # A memory tier's bytes free are not always room for a chunk (slab size classes): ask it for the
-    # chunks whose removal places one of num_bytes, not merely for num_bytes of chunks.
-    if isinstance(tier, PooledTier):
-        return tier.victims_for(num_bytes)
+    # chunks whose removal places one of num_bytes, not merely for num_bytes of chunks. (Looked up by name:
+    # a wrapper of a memory tier forwards it.)
+    victims_for = getattr(tier, "victims_for", None)
+    if callable(victims_for):
+        return list(victims_for(num_bytes))
     return tier.victims(num_bytes)
+
+
+def _fits(tier: Tier, num_bytes: int) -> bool:
+    # Whether a tier that answers victims_for() would place the chunk now (another thread made room).
+    fits = getattr(tier, "fits", None)
+    return bool(fits(num_bytes)) if callable(fits) else False
 
 
 def _pin_for_move(tier: Tier, key: bytes) -> ChunkHandle | None:
@@ -337,7 +347,7 @@ class Store:
                 pass
             victims = _victims_for(tier, src.numel())
             if not victims:
-                if isinstance(tier, PooledTier) and tier.fits(src.numel()):
+                if _fits(tier, src.numel()):
                     continue  # another thread made room meanwhile
                 raise TierFullError(f"the {tier.name} tier is full and every chunk in it is pinned")
             for victim in victims:
