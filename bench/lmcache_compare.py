@@ -1,10 +1,10 @@
 """Side by side with LMCache: the same chunks through its ``lmcache_server`` and through ``kvstrata serve``.
 
 Both systems run on this machine in the same run, on loopback, with one client each: 64 chunks of 256 KiB
-and of 2 MiB are put, then got back (best of several rounds). LMCache is driven through its
-``RemoteBackend`` (the path its vLLM integration uses for an ``lm://`` remote server) by
-``bench/_lmcache_driver.py``, run by the Python interpreter of a separate virtualenv where LMCache is
-installed (kvstrata never imports LMCache)::
+and of 2 MiB are put, then got back (best of several repeats; the two systems take turns ``--rounds``
+times). LMCache is driven through its ``RemoteBackend`` (the path its vLLM integration uses for an
+``lm://`` remote server) by ``bench/_lmcache_driver.py``, run by the Python interpreter of a separate
+virtualenv where LMCache is installed (kvstrata never imports LMCache)::
 
     python3 -m venv /path/lmcache-venv
     /path/lmcache-venv/bin/pip install torch==2.13.0 && /path/lmcache-venv/bin/pip install lmcache==0.5.6
@@ -206,12 +206,24 @@ def run_kvstrata(chunks: int, repeat: int) -> dict[int, dict[str, float]]:
     return results
 
 
+def _keep_best(best: dict[int, dict[str, float]], new: dict[int, dict[str, float]]) -> None:
+    """Merge ``new`` timings into ``best``, keeping the shortest time of each measurement."""
+    for size, times in new.items():
+        into = best.setdefault(size, {})
+        for name, value in times.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and name.endswith("_s"):
+                into[name] = min(into.get(name, value), value)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lmcache-python", default=os.environ.get("LMCACHE_PYTHON", ""))
     parser.add_argument("--chunks", type=int, default=64)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--lmcache-only", action="store_true", help="measure LMCache alone")
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="alternate the two systems this many times; best of each"
+    )
     args = parser.parse_args()
     python = args.lmcache_python
     if not python or not os.path.exists(python):
@@ -221,12 +233,15 @@ def main() -> None:
             file=sys.stderr,
         )
         return
-    log("lmcache_compare: LMCache RemoteBackend -> lmcache_server ...")
-    theirs = run_lmcache(python, args.chunks, args.repeat)
+    theirs: dict[int, dict[str, float]] = {}
     ours: dict[int, dict[str, float]] = {}
-    if not args.lmcache_only:
-        log("lmcache_compare: kvstrata Client -> kvstrata serve ...")
-        ours = run_kvstrata(args.chunks, args.repeat)
+    # The systems take turns, so that on a shared machine both see the same spread of load.
+    for turn in range(max(1, args.rounds)):
+        log(f"lmcache_compare: round {turn + 1}: LMCache RemoteBackend -> lmcache_server ...")
+        _keep_best(theirs, run_lmcache(python, args.chunks, args.repeat))
+        if not args.lmcache_only:
+            log(f"lmcache_compare: round {turn + 1}: kvstrata Client -> kvstrata serve ...")
+            _keep_best(ours, run_kvstrata(args.chunks, args.repeat))
     for size in SIZES:
         total = size * args.chunks
         label = f"{size // 1024}KiB" if size < 1024**2 else f"{size // 1024**2}MiB"
