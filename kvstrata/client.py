@@ -29,7 +29,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 import torch
 
@@ -40,6 +40,7 @@ from kvstrata.errors import (
     KVStrataError,
     RequestTimeoutError,
 )
+from kvstrata.kvstore.keys import ChunkKey
 from kvstrata.kvstore.tier import EMPTY_META, BufferLike, ChunkMeta, as_byte_tensor, check_key
 from kvstrata.transport.base import (
     PrefixResult,
@@ -57,6 +58,13 @@ log = logging.getLogger(__name__)
 
 #: A chunk key: a 16-byte digest, or a :class:`kvstrata.kvstore.keys.ChunkKey`.
 KeyLike = Any
+
+
+def _is_single_key(keys: object) -> bool:
+    """A lone key (16 bytes or a ChunkKey) rather than a list of them."""
+    return isinstance(keys, (bytes, bytearray, memoryview, ChunkKey))
+
+
 T = TypeVar("T")
 _MAX_BACKOFF_S = 30.0
 
@@ -326,8 +334,14 @@ class Client:
                 results[i] = value
         return results
 
-    def exists(self, keys: Sequence[KeyLike], *, timeout: float | None = None) -> list[bool]:
-        """Whether each chunk is held (in any tier of its server)."""
+    @overload
+    def exists(self, keys: bytes | ChunkKey, *, timeout: float | None = None) -> bool: ...
+    @overload
+    def exists(self, keys: Sequence[KeyLike], *, timeout: float | None = None) -> list[bool]: ...
+    def exists(self, keys: Any, *, timeout: float | None = None) -> bool | list[bool]:
+        """Whether the chunk (one key) or each chunk (a list of keys) is held, in any tier of its server."""
+        if _is_single_key(keys):
+            return self.exists([keys], timeout=timeout)[0]
         budget = self._timeout(timeout)
         digests = [check_key(k) for k in keys]
         out = [False] * len(digests)
@@ -359,8 +373,13 @@ class Client:
             count += 1
         return PrefixResult(count, tuple(self._owner(d).address.url for d in digests[:count]))
 
-    def delete(self, keys: Sequence[KeyLike], *, timeout: float | None = None) -> int:
-        """Remove chunks from every tier of their server; returns how many were present."""
+    def delete(self, keys: KeyLike | Sequence[KeyLike], *, timeout: float | None = None) -> int:
+        """Remove chunks (one key, or a list) from every tier of their server; returns how many were held.
+
+        A lone key (16 bytes or a ChunkKey) is accepted as well as a list.
+        """
+        if _is_single_key(keys):
+            keys = [keys]
         budget = self._timeout(timeout)
         digests = [check_key(k) for k in keys]
         removed = 0
@@ -455,7 +474,11 @@ class AsyncClient:
         """See :meth:`Client.get_many`."""
         return await self._run(self._client.get_many, keys, outs, timeout=timeout)
 
-    async def exists(self, keys: Sequence[KeyLike], *, timeout: float | None = None) -> list[bool]:
+    @overload
+    async def exists(self, keys: bytes | ChunkKey, *, timeout: float | None = None) -> bool: ...
+    @overload
+    async def exists(self, keys: Sequence[KeyLike], *, timeout: float | None = None) -> list[bool]: ...
+    async def exists(self, keys: Any, *, timeout: float | None = None) -> bool | list[bool]:
         """See :meth:`Client.exists`."""
         return await self._run(self._client.exists, keys, timeout=timeout)
 
@@ -463,7 +486,7 @@ class AsyncClient:
         """See :meth:`Client.lookup_prefix`."""
         return await self._run(self._client.lookup_prefix, keys, timeout=timeout)
 
-    async def delete(self, keys: Sequence[KeyLike], *, timeout: float | None = None) -> int:
+    async def delete(self, keys: KeyLike | Sequence[KeyLike], *, timeout: float | None = None) -> int:
         """See :meth:`Client.delete`."""
         return await self._run(self._client.delete, keys, timeout=timeout)
 

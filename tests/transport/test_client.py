@@ -67,6 +67,11 @@ def test_get_into_out_buffers_and_meta_of_chunk_keys() -> None:
             client.put(chunk_key(2), torch.zeros(8, 8).t())
         with pytest.raises(InvalidArgumentError):
             client.get(b"short")
+        # A lone key is accepted where a list is: one answer back, not a list.
+        assert client.exists(raw) is True and client.exists(ck) is True
+        assert client.exists(chunk_key(9)) is False
+        assert client.delete(ck) == 1 and client.exists(raw) is False
+        assert client.delete(raw) == 0
 
 
 def test_several_servers_spread_keys_and_skip_a_dead_one() -> None:
