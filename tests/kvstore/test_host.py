@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import threading
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from kvstrata.kvstore.device import DeviceTier
 from kvstrata.kvstore.host import HostTier
 from kvstrata.kvstore.store import Store
 from kvstrata.kvstore.tier import ChunkHandle, TierEvent
-from tests.kvstore.conformance_tier import chunk_key, pattern
+from tests.kvstore.conformance_tier import check_stamped, chunk_key, pattern, stamped
 
 SLOT = 4096
 
@@ -323,3 +324,48 @@ def test_mixed_sizes_random_workload_against_a_model() -> None:
 @given(st.integers(0, 2**32 - 1))
 def test_mixed_sizes_random_workload_property(seed: int) -> None:
     _mixed_workload(seed, steps=150, pages=3)
+
+
+def test_mixed_sizes_under_concurrent_puts_gets_and_pins() -> None:
+    tier = HostTier(8 * SLOT, SLOT)
+    sizes = [64, 300, 1024, 1500, 2048, 3000, SLOT]
+    errors: list[BaseException] = []
+
+    def worker(seed: int) -> None:
+        rng = random.Random(seed)
+        try:
+            for step in range(300):
+                key = chunk_key(rng.randrange(24), bytes([seed]))
+                op = rng.random()
+                if op < 0.5:
+                    try:
+                        tier.put(key, stamped(key, rng.choice(sizes), step))
+                    except TierFullError:
+                        pass  # every page blocked by the other threads' pins: allowed, never wrong data
+                elif op < 0.8:
+                    got = tier.get(key)
+                    if got is not None:
+                        check_stamped(key, got)
+                else:
+                    handle = tier.acquire(key)
+                    if handle is not None:
+                        with handle:
+                            before = handle.data.clone()
+                            check_stamped(key, before)
+                            churn = chunk_key(99, bytes([seed]))
+                            tier.put(churn, stamped(churn, SLOT, step))
+                            assert torch.equal(handle.data, before), "a pinned chunk changed"
+                assert tier.used_bytes <= tier.capacity_bytes
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(seed,)) for seed in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors[0]
+    for key in list(tier.keys()):
+        assert tier.remove(key)
+    assert tier.used_bytes == 0 and tier._pool.free_pages == 8, "every slot and page came back"
+    tier.close()
