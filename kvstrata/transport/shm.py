@@ -89,6 +89,15 @@ class SharedSegment:
         if not os.path.isdir(SHM_DIR):
             raise ConfigError(f"the shm transport needs POSIX shared memory at {SHM_DIR}")
         sweep_stale_segments()
+        # tmpfs commits pages as they are written: a segment larger than the free space of /dev/shm would
+        # fail later with SIGBUS (a container's default /dev/shm is 64 MiB): refuse now, clearly.
+        st = os.statvfs(SHM_DIR)
+        free = st.f_bavail * st.f_frsize
+        if size > free:
+            raise ConfigError(
+                f"the shm transport needs {size} bytes of shared memory but {SHM_DIR} has {free} free; "
+                "enlarge it (e.g. docker --shm-size) or make the host cache smaller"
+            )
         name = f"{_PREFIX}{os.getpid()}-{secrets.token_hex(8)}"
         path = os.path.join(SHM_DIR, name)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)

@@ -340,3 +340,11 @@ def test_bytes_read_under_an_expired_lease_are_a_miss(ttl: float, hit: bool) -> 
         finally:
             transport.close()
     ext.close()
+
+
+def test_a_segment_larger_than_free_shared_memory_is_refused() -> None:
+    from kvstrata.errors import ConfigError
+
+    st = os.statvfs(SHM_DIR)
+    with pytest.raises(ConfigError, match="shared memory"):
+        SharedSegment.create(st.f_bavail * st.f_frsize + (1 << 30))
