@@ -208,17 +208,33 @@ class ShmServerExtension(ServerExtension):
         self._handlers: dict[int, Any] = {}
 
     def host_buffer(self, capacity_bytes: int) -> torch.Tensor | None:
-        """Create the segment (host pool + staging) and hand the pool part to the host tier."""
+        """Create the segment (host pool + staging) and hand the pool part to the host tier.
+
+        When shared memory is too small for the pool, the pool stays in private memory (``None``) and the
+        transport runs on staging slots alone (one more copy per get).
+        """
+        try:
+            self.segment = SharedSegment.create(capacity_bytes + self.staging_slots * self.slot_bytes)
+        except (ConfigError, OSError) as exc:
+            log.warning("shm: host pool not in shared memory (%s); shm gets will be staged", exc)
+            return None
         self.pool_bytes = capacity_bytes
-        self.segment = SharedSegment.create(capacity_bytes + self.staging_slots * self.slot_bytes)
         log.info("shm: host pool in shared memory %s (%d bytes)", self.segment.name, self.segment.size)
         return self.segment.tensor[:capacity_bytes]
 
     def attach(self, store: Any) -> None:
-        """Set up staging and leases; without a pool in the segment every get goes through staging."""
+        """Set up staging and leases; without a pool in the segment every get goes through staging.
+
+        Without any usable shared memory the transport is switched off (its requests are answered
+        ``unsupported``; tcp is unaffected).
+        """
         if self.segment is None:
             self.pool_bytes = 0
-            self.segment = SharedSegment.create(self.staging_slots * self.slot_bytes)
+            try:
+                self.segment = SharedSegment.create(self.staging_slots * self.slot_bytes)
+            except (ConfigError, OSError) as exc:
+                log.warning("shm transport disabled: %s", exc)
+                return
         host = store.tier("host") if hasattr(store, "tier") else None
         buffer = getattr(host, "buffer", None)
         if buffer is None or self._offset(buffer) is None:
@@ -250,7 +266,7 @@ class ShmServerExtension(ServerExtension):
 
         async def on_attach(conn: Any, header: Header, meta: Any) -> None:
             if self.segment is None:
-                raise RemoteError("shm transport not attached to a store", "unsupported")
+                raise RemoteError("the shm transport is not available on this server", "unsupported")
             reply = ShmAttachReply(
                 segment=self.segment.name, size=self.segment.size, pool_bytes=self.pool_bytes
             )
@@ -260,7 +276,7 @@ class ShmServerExtension(ServerExtension):
             async def handler(conn: Any, header: Header, meta: Any) -> None:
                 target = self._handlers.get(SHM_BASE + offset)
                 if target is None:
-                    raise RemoteError("shm transport not attached to a store", "unsupported")
+                    raise RemoteError("the shm transport is not available on this server", "unsupported")
                 await target(conn, header, meta)
 
             return handler

@@ -348,3 +348,24 @@ def test_a_segment_larger_than_free_shared_memory_is_refused() -> None:
     st = os.statvfs(SHM_DIR)
     with pytest.raises(ConfigError, match="shared memory"):
         SharedSegment.create(st.f_bavail * st.f_frsize + (1 << 30))
+
+
+def test_too_little_shared_memory_degrades_instead_of_failing() -> None:
+    from types import SimpleNamespace
+
+    from kvstrata.transport.shm import ShmServerExtension
+
+    st = os.statvfs(SHM_DIR)
+    too_big = st.f_bavail * st.f_frsize + (1 << 30)
+    ext = ShmServerExtension(SimpleNamespace(store=SimpleNamespace(slot_bytes=1 << 20)))
+    assert ext.host_buffer(too_big) is None  # the host tier keeps private memory
+    store = Store([HostTier(4 << 20, 1 << 20)])
+    try:
+        ext.attach(store)  # staging alone fits: the transport works, gets are staged
+        assert ext.leases is not None and ext.pool_bytes == 0
+        ext.close()
+        starved = ShmServerExtension(SimpleNamespace(store=SimpleNamespace(slot_bytes=too_big)))
+        starved.attach(store)  # not even staging fits: switched off, nothing raised
+        assert starved.leases is None and starved.segment is None
+    finally:
+        store.close()
