@@ -7,6 +7,8 @@
   server counters.
 - ``GET /v1/lookup?keys=HEX,HEX,...`` or ``POST /v1/lookup`` with ``{"keys": [hex, ...]}`` — how many
   leading chunks are held, the highest tier of each, and the leading depth per tier.
+- ``GET /v1/index/lookup?keys=HEX,...`` — the global block index this server publishes to (``--index``):
+  for block keys, each instance's longest prefix and depth per tier (404 when no index is configured).
 
 With a token configured, everything but ``/healthz`` and ``/readyz`` requires ``Authorization: Bearer
 <token>`` (compared in constant time).
@@ -111,5 +113,15 @@ def create_admin_app(server: CacheServer, token: bytes | None = None) -> FastAPI
         if not isinstance(raw, list) or not all(isinstance(k, str) for k in raw):
             raise HTTPException(400, 'body must be JSON {"keys": [hex, ...]}')
         return lookup(_parse_keys(raw))
+
+    @app.get("/v1/index/lookup")
+    def v1_index_lookup(request: Request, keys: str = "") -> dict[str, Any]:
+        """Which instances hold how long a prefix of these BLOCK keys, per tier (the global index)."""
+        check(request)
+        if server.index is None:
+            raise HTTPException(404, "this server publishes to no block index")
+        block_keys = _parse_keys([k for k in keys.split(",") if k])
+        result: dict[str, Any] = server.index.lookup(block_keys).to_json()
+        return result
 
     return app

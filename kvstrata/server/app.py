@@ -269,6 +269,8 @@ class CacheServer:
         extensions: Sequence[ServerExtension] = (),
     ) -> None:
         self.store = store
+        #: the global block index this server's tiers are published to (set by the daemon), or None
+        self.index: Any = None
         self.host = host
         self.port = port
         self.token = token or None

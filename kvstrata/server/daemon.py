@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -53,29 +54,28 @@ def build_store(config: StoreConfig, extensions: Sequence[ServerExtension] = ())
         buffer = ext.host_buffer(host_bytes)
         if buffer is not None:
             break
-    if buffer is None:
-        return Store.from_config(config)
-    from kvstrata.kvstore.host import HostTier
+    return Store.from_config(config, host_buffer=buffer)
 
-    tiers: list[Any] = [HostTier(host_bytes, config.slot_bytes, buffer=buffer, policy=config.eviction)]
-    if config.disk_cache_bytes > 0:
-        from kvstrata.config import default_cache_dir
-        from kvstrata.kvstore.disk import DiskTier
 
-        tiers.append(
-            DiskTier(
-                config.disk_dir or default_cache_dir(),
-                config.disk_cache_bytes,
-                fsync=config.disk_fsync,
-                policy=config.eviction,
-            )
-        )
-    return Store(
-        tiers,
-        write_through=config.write_through,
-        demotion_queue=config.demotion_queue,
-        demotion_workers=config.demotion_workers,
-    )
+def attach_index(config: KVStrataConfig, store: Any, port: int) -> tuple[Any, Any]:
+    """Open the configured block index and feed the store's tier events into it under this instance's name.
+
+    Returns ``(index, feeder)``. The instance name is ``config.instance_id`` or ``hostname:port``. An index
+    that cannot be opened is logged and skipped (``(None, None)``): the cache keeps serving without it.
+    """
+    from kvstrata.index.base import open_index
+    from kvstrata.index.feeder import IndexFeeder
+
+    instance = config.instance_id or f"{socket.gethostname()}:{port}"
+    try:
+        index = open_index(config.index.backend, config=config.index)
+    except Exception:
+        log.exception("index %s could not be opened; serving without it", config.index.backend)
+        return None, None
+    feeder = IndexFeeder(index, instance, heartbeat_s=max(0.5, config.index.lease_ttl_s / 3))
+    feeder.attach(store)
+    log.info("index %s: this server's tiers are published as instance %r", config.index.backend, instance)
+    return index, feeder
 
 
 @contextlib.contextmanager
@@ -163,6 +163,8 @@ async def _main(config: KVStrataConfig, token: bytes | None) -> None:
         extensions=extensions,
     )
     admin: _AdminServer | None = None
+    index: Any = None
+    feeder: Any = None
     try:
         await server.start()
         log.info("kvstrata serve: event loop %s", type(loop).__module__.split(".")[0])
@@ -176,11 +178,8 @@ async def _main(config: KVStrataConfig, token: bytes | None) -> None:
             ", ".join(server.transports),
             "token" if token else "none",
         )
-        if config.index.backend != "memory":
-            log.info(
-                "index backend %s: recorded (the server does not publish to an index yet)",
-                config.index.backend,
-            )
+        index, feeder = await loop.run_in_executor(None, attach_index, config, store, server.port)
+        server.index = index
         if srv.admin_port:
             admin = _AdminServer(create_admin_app(server, token), srv.host, srv.admin_port)
             admin.start()
@@ -198,5 +197,10 @@ async def _main(config: KVStrataConfig, token: bytes | None) -> None:
         flushed = await loop.run_in_executor(None, store.flush, FLUSH_TIMEOUT_S)
         if not flushed:
             log.warning("background disk writes did not finish within %.0f s", FLUSH_TIMEOUT_S)
+        if feeder is not None:
+            feeder.close()
+        if index is not None:
+            await loop.run_in_executor(None, index.flush, FLUSH_TIMEOUT_S)
+            index.close()
         store.close()
         log.info("kvstrata serve: stopped")
