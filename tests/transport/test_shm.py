@@ -369,3 +369,20 @@ def test_too_little_shared_memory_degrades_instead_of_failing() -> None:
         assert starved.leases is None and starved.segment is None
     finally:
         store.close()
+
+
+def test_more_chunks_than_staging_slots_and_a_chunk_too_large(shm_server: ServeProcess) -> None:
+    from kvstrata.errors import ChunkTooLargeError
+
+    keys = _keys(40)  # more than the 32 staging slots: committed in several rounds
+    datas = _chunks(40, 8192, seed=31)
+    with Client(_shm_url(shm_server), token=TOKEN) as client:
+        client.put_many(keys, datas)
+        got = client.get_many(keys)
+        assert all(g is not None and torch.equal(g, d) for g, d in zip(got, datas, strict=True))
+        # larger than a slot: no staging lease, so it goes over tcp, and the server refuses it there
+        with pytest.raises(ChunkTooLargeError):
+            client.put(os.urandom(16), torch.zeros(5 * 1024**2, dtype=torch.uint8))
+        # the connection is still in step afterwards
+        again = client.get(keys[0])
+        assert again is not None and torch.equal(again, datas[0])
