@@ -3,8 +3,8 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
-# Extras installed for development and CI: everything that runs without a GPU.
-EXTRAS ?= dev,redis,triton
+# Extras installed for development and CI: everything that runs without a GPU (nixl runs over UCX/TCP).
+EXTRAS ?= dev,redis,triton,nixl
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | md5sum | cut -c1-12)-$(subst $(comma),_,$(EXTRAS))
 comma  := ,
 
