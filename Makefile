@@ -5,8 +5,8 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 # Extras installed for development and CI: everything that runs without a GPU (nixl runs over UCX/TCP).
 EXTRAS ?= dev,redis,triton,nixl
-STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | md5sum | cut -c1-12)-$(subst $(comma),_,$(EXTRAS))
 comma  := ,
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | md5sum | cut -c1-12)-$(subst $(comma),_,$(EXTRAS))
 
 .PHONY: run test lint bench setup system-deps clean
 
