@@ -14,7 +14,6 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
 	# torch first, pinned, so that a CPU machine takes the CPU build instead of several GB of CUDA wheels.
 	$(PIP) install -q "torch==2.13.0"
 	$(PIP) install -q -e ".[$(EXTRAS)]"
