@@ -14,6 +14,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 def bench_host() -> None:
     """HostTier put/get of 1, 2 and 4 MiB chunks against ``copy_`` of the same bytes; Store.get from disk.
 
+    ``host_*_256KiB_in_8MiB``: 256 KiB chunks in a tier whose ``slot_bytes`` is 8 MiB, so every chunk goes
+    through the slab allocator's small-class path (32 slots per 8 MiB page).
+
     Per chunk size, ``KVSTRATA_BENCH_HOST_BYTES`` (default 128 MiB, more than the CPU caches) of distinct
     source chunks is put into a HostTier whose pool is allocated and warmed once, then read back into
     preallocated ``out`` tensors. The ceiling is ``torch.Tensor.copy_`` of the same chunks between
@@ -50,9 +53,12 @@ def bench_host() -> None:
             fn()  # type: ignore[operator]
             return time.perf_counter() - start
 
-        def host_case(chunk: int) -> None:
+        def host_case(chunk: int, slot: int | None = None) -> None:
             n = max(4, total // chunk)
-            log(f"host tier: {n} chunks of {chunk // mib} MiB")
+            label = f"{chunk // mib}MiB" if chunk >= mib else f"{chunk // 1024}KiB"
+            if slot is not None:
+                label += f"_in_{slot // mib}MiB"
+            log(f"host tier: {n} chunks of {label}")
             keys = [i.to_bytes(16, "little") for i in range(n)]
             srcs = [torch.randint(0, 256, (chunk,), dtype=torch.uint8) for _ in range(n)]
             outs = [torch.empty(chunk, dtype=torch.uint8) for _ in range(n)]
@@ -60,7 +66,8 @@ def bench_host() -> None:
             for t in outs + dsts:
                 t.fill_(0)  # fault the pages in: both sides copy into warm memory
             # One spare slot: a put replacing a present key takes a free slot before releasing the old one.
-            tier = HostTier((n + 1) * chunk, chunk)
+            # (With slot > chunk: one spare page, the slab allocator's smallest room for a new class.)
+            tier = HostTier((n + 1) * chunk if slot is None else n * chunk + slot, slot or chunk)
             tier.buffer.fill_(0)
             nbytes = n * chunk
 
@@ -94,7 +101,7 @@ def bench_host() -> None:
             for op in ("put", "get"):
                 emit(
                     "store",
-                    f"host_{op}_{chunk // mib}MiB",
+                    f"host_{op}_{label}",
                     gib_per_s(nbytes, med[op]),
                     "GiB/s",
                     gib_per_s(nbytes, med[f"{op}_ceiling"]),
@@ -104,6 +111,7 @@ def bench_host() -> None:
 
         for chunk_bytes in (1 * mib, 2 * mib, 4 * mib):
             host_case(chunk_bytes)
+        host_case(256 * 1024, slot=8 * mib)
 
         # Store.get of chunks found only on disk, promoted into the host tier on the way.
         try:

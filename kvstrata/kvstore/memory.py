@@ -57,12 +57,14 @@ def _as_bytes(data: BufferLike) -> torch.Tensor:
 
 
 class _Entry:
-    __slots__ = ("dead", "length", "meta", "pins", "slot")
+    __slots__ = ("dead", "length", "meta", "pins", "slot", "view")
 
-    def __init__(self, slot: int, length: int, meta: ChunkMeta) -> None:
+    def __init__(self, slot: int, length: int, meta: ChunkMeta, view: torch.Tensor) -> None:
         self.slot = slot  # the slot's byte offset in the pool buffer
         self.length = length
         self.meta = meta
+        # The chunk's bytes in the pool (the pool's cached view of the slot): no narrow() per get.
+        self.view = view
         self.pins = 0
         self.dead = False
 
@@ -173,13 +175,14 @@ class PooledTier(Tier):
             if evicted:
                 self._emit_removed([k for k, _ in evicted], [m for _, m in evicted])
         try:
-            self._pool.view(slot, length).copy_(src)
+            view = self._pool.view(slot, length)
+            view.copy_(src)
         except Exception as exc:
             with self._lock:
                 self._pool.free(slot)
                 self._count("errors")
             raise TierIOError(f"copy into the {self.name} tier failed: {exc}") from exc
-        entry = _Entry(slot, length, meta)
+        entry = _Entry(slot, length, meta, view)
         with self._lock:
             if self._closed:
                 raise StoreError(f"the {self.name} tier is closed")
@@ -223,7 +226,7 @@ class PooledTier(Tier):
         try:
             if dst is not None and dst.numel() < entry.length:
                 raise InvalidArgumentError(f"out holds {dst.numel()} bytes, the chunk {entry.length}")
-            src = self._pool.view(entry.slot, entry.length)
+            src = entry.view
             try:
                 if dst is None:
                     return src.clone()
@@ -247,8 +250,7 @@ class PooledTier(Tier):
         entry = self._pin(key, count)
         if entry is None:
             return None
-        view = self._pool.view(entry.slot, entry.length)
-        return ChunkHandle(key, view, entry.meta, lambda: self._unpin(entry))
+        return ChunkHandle(key, entry.view, entry.meta, lambda: self._unpin(entry))
 
     def get_meta(self, key: bytes) -> ChunkMeta | None:
         """The chunk's metadata, or ``None`` if absent (not an access)."""

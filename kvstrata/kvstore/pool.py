@@ -26,8 +26,11 @@ Host buffers are page-locked lazily when CUDA is present: each segment of the bu
 only what it uses (``torch.empty(pin_memory=True)`` would pin it all at once and round it up to a power of
 two).
 
-Every operation is O(1) (cutting a page into slots is O(slots per page), at most page / minimum class).
-Not thread-safe: the owning tier calls it under its own lock.
+Every operation is O(1) (cutting a page into slots or returning it is O(slots per page), at most
+page / minimum class). The views of slots are made once and reused (a ``narrow`` allocates a tensor object),
+so a put or get of a chunk whose slot held a chunk of the same length before allocates nothing; the views
+of a page are dropped when it returns to the free-page list. Not thread-safe: the owning tier calls it under
+its own lock.
 """
 
 from __future__ import annotations
@@ -134,10 +137,10 @@ class SlotPool:
         self._pin = pin_memory and self.device.type == "cpu" and torch.cuda.is_available()
         self._segment_pages = max(1, PIN_SEGMENT_BYTES // slot_bytes)
         self._pinned_segments: list[int] = []
-        # Views of large slots are made once and reused (narrow costs a microsecond); only slots of at least
-        # an eighth of a page are cached, which bounds the cache to 8 views per page.
+        # Slot views are made once and reused: narrow() allocates a tensor and costs microseconds. A page's
+        # views are dropped when it returns to the free-page list, so the cache holds at most one view per
+        # slot of the pages in use (and one per whole page).
         self._views: dict[int, torch.Tensor] = {}
-        self._view_min = max(1, slot_bytes // 8)
 
     # -- sizes ---------------------------------------------------------------------------------------------
     def class_of(self, nbytes: int) -> int:
@@ -265,6 +268,10 @@ class SlotPool:
             # Wholly free: back to the free-page list, for any class.
             self._partial[index].pop(page, None)
             del self._page_free[page]
+            size = self.class_sizes[index]
+            base = page * self.slot_bytes
+            for slot in range(base, base + self._per_page[index] * size, size):
+                self._views.pop(slot, None)
             self._page_class[page] = -1
             self._free_pages.append(page)
             return
@@ -284,13 +291,12 @@ class SlotPool:
         return page
 
     def view(self, offset: int, nbytes: int) -> torch.Tensor:
-        """``nbytes`` from ``offset`` as a 1-D ``uint8`` view (no copy)."""
-        if nbytes >= self._view_min:
-            view = self._views.get(offset)
-            if view is None or view.numel() != nbytes:
-                view = self._views[offset] = self.buffer.narrow(0, offset, nbytes)
-            return view
-        return self.buffer.narrow(0, offset, nbytes)
+        """``nbytes`` from ``offset`` (a slot handed out) as a 1-D ``uint8`` view (no copy; made once and
+        reused while the slot's page stays in use and chunks of that length come back to it)."""
+        view = self._views.get(offset)
+        if view is None or view.numel() != nbytes:
+            view = self._views[offset] = self.buffer.narrow(0, offset, nbytes)
+        return view
 
     # -- page-locking and shutdown ------------------------------------------------------------------------
     def _pin_segment(self, first_page: int) -> None:
