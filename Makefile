@@ -38,8 +38,13 @@ lint: setup
 	$(VENV)/bin/ruff format --check kvstrata tests bench
 	$(VENV)/bin/mypy
 
+BENCHES ?= keys store index transport kernels lmcache_compare
+# Every benchmark prints JSON lines (see bench/_common.py); they are collected in bench/out/latest.jsonl and
+# rendered as a table by bench/report.py. lmcache_compare needs LMCACHE_PYTHON (an LMCache venv's python).
 bench: setup
-	@for b in bench/*.py; do echo "# $$b" >&2; $(PY) $$b || exit 1; done
+	@mkdir -p bench/out && : > bench/out/latest.jsonl
+	@for b in $(BENCHES); do echo "# bench/$$b.py" >&2; $(PY) bench/$$b.py | tee -a bench/out/latest.jsonl || exit 1; done
+	@$(PY) bench/report.py bench/out/latest.jsonl
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
