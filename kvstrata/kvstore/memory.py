@@ -1,10 +1,12 @@
 """The memory tiers' common engine: chunks in the slab-allocated slots of one :class:`SlotPool`, one lock.
 
 A put reserves a slot under the lock (evicting if allowed), copies the bytes into it outside the lock, and
-publishes the entry under the lock again; a get pins the entry under the lock, copies out of the slot
-outside it, and unpins. The lock thus covers only O(1) bookkeeping and copies of different chunks run in
-parallel. A pinned slot is never handed out again: removing or replacing a pinned chunk hides it at once and
-frees its slot when the last pin is released.
+publishes the entry under the lock again: ``put`` is exactly :meth:`PooledTier.reserve`, a copy into the
+reserved slot and :meth:`SlotReservation.commit`, and writers that can fill the slot themselves (a socket's
+``recv_into``, a shared-memory client) call the three steps directly and save the copy. A get pins the
+entry under the lock, copies out of the slot outside it, and unpins. The lock thus covers only O(1)
+bookkeeping and copies of different chunks run in parallel. A pinned slot is never handed out again:
+removing or replacing a pinned chunk hides it at once and frees its slot when the last pin is released.
 
 Capacity is counted in the bytes of the slots held: a chunk takes one slot of the smallest size class that
 holds it (see :mod:`kvstrata.kvstore.pool`: power-of-two classes up to ``slot_bytes``, the largest chunk the
@@ -41,7 +43,7 @@ from kvstrata.kvstore.tier import (
     check_key,
 )
 
-__all__ = ["PooledTier"]
+__all__ = ["PooledTier", "SlotReservation"]
 
 
 def _as_bytes(data: BufferLike) -> torch.Tensor:
@@ -67,6 +69,61 @@ class _Entry:
         self.view = view
         self.pins = 0
         self.dead = False
+
+
+_RESERVED = 0
+_DONE = 1
+
+
+class SlotReservation:
+    """A pinned, invisible slot of a :class:`PooledTier` reserved for one chunk (see
+    :meth:`PooledTier.reserve`): fill :attr:`data`, then :meth:`commit` it, or :meth:`abort`.
+
+    As a context manager it aborts on exit unless committed, so an exception (a short read, a closed
+    connection, a failed checksum) never leaves a visible chunk or a leaked slot.
+    """
+
+    __slots__ = ("_state", "_tier", "data", "key", "meta", "nbytes", "offset")
+
+    def __init__(
+        self, tier: PooledTier, key: bytes, offset: int, nbytes: int, meta: ChunkMeta, data: torch.Tensor
+    ) -> None:
+        self._tier = tier
+        self._state = _RESERVED
+        #: the chunk's key
+        self.key = key
+        #: the slot's byte offset in the tier's pool buffer (for writers that map the buffer: shm, nixl)
+        self.offset = offset
+        #: the chunk's length
+        self.nbytes = nbytes
+        #: the chunk's metadata, published with it
+        self.meta = meta
+        #: the writable uint8 view of exactly ``nbytes`` bytes of the slot
+        self.data = data
+
+    @property
+    def active(self) -> bool:
+        """Neither committed nor aborted yet."""
+        return self._state == _RESERVED
+
+    def commit(self, *, if_absent: bool = False) -> bool:
+        """Publish the filled slot atomically as the chunk under :attr:`key`, replacing an older one.
+
+        ``if_absent=True`` keeps a value stored meanwhile and frees this slot instead (returns False).
+        Raises :class:`InvalidArgumentError` if already committed or aborted, :class:`StoreError` if the
+        tier was closed meanwhile (the reservation is over either way).
+        """
+        return self._tier._commit(self, if_absent)
+
+    def abort(self) -> None:
+        """Free the slot; nothing becomes visible. A no-op once committed or aborted."""
+        self._tier._abort(self)
+
+    def __enter__(self) -> SlotReservation:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.abort()
 
 
 class PooledTier(Tier):
@@ -143,6 +200,72 @@ class PooledTier(Tier):
             if entry.pins == 0 and entry.dead:
                 self._pool.free(entry.slot)
 
+    # -- writing: reserve, fill, commit -------------------------------------------------------------
+    def reserve(
+        self, key: bytes, nbytes: int, meta: ChunkMeta = EMPTY_META, *, evict: bool = True
+    ) -> SlotReservation:
+        """Take a slot for a ``nbytes`` chunk to be written in place; publish it with ``commit()``.
+
+        Call order: ``reserve`` -> fill ``reservation.data`` (any thread, outside every lock) ->
+        ``reservation.commit()`` or ``reservation.abort()``. Until the commit the slot is invisible (not
+        seen by get, contains, acquire, keys or ``len``) and pinned (never evicted, its page never re-cut);
+        it counts in ``used_bytes``. A commit replaces an older value of ``key`` and emits the stored
+        event; an abort, or a reservation left by ``with`` uncommitted, frees the slot. Either ends it.
+
+        Raises (nothing held then): :class:`ChunkTooLargeError` above ``slot_bytes``,
+        :class:`TierFullError` when there is no room (``evict=False``) or none can be made, and
+        :class:`StoreError` when the tier is closed. Victims evicted to make room are gone even if the
+        reservation is aborted later.
+        """
+        key = check_key(key)
+        if nbytes < 0:
+            raise InvalidArgumentError(f"cannot reserve {nbytes} bytes")
+        if nbytes > self._pool.slot_bytes:
+            raise ChunkTooLargeError(
+                f"a {nbytes}-byte chunk exceeds the {self.name} tier's slots ({self._pool.slot_bytes} bytes)"
+            )
+        evicted: list[tuple[bytes, ChunkMeta]] = []
+        try:
+            with self._lock:
+                self._check_open()
+                slot = self._reserve(nbytes, evict, evicted)
+        finally:
+            # Listeners run outside the lock; the victims are gone whatever happens to this reservation.
+            if evicted:
+                self._emit_removed([k for k, _ in evicted], [m for _, m in evicted])
+        return SlotReservation(self, key, slot, nbytes, meta, self._pool.view(slot, nbytes))
+
+    def _commit(self, res: SlotReservation, if_absent: bool) -> bool:
+        """Publish a filled reservation (see :meth:`SlotReservation.commit`); whether it was stored."""
+        key = res.key
+        with self._lock:
+            if res._state != _RESERVED:
+                raise InvalidArgumentError("the reservation was already committed or aborted")
+            res._state = _DONE
+            if self._closed:
+                raise StoreError(f"the {self.name} tier is closed")  # the pool is gone with its slots
+            old = self._entries.get(key)
+            if old is not None:
+                if if_absent:
+                    self._pool.free(res.offset)
+                    return False
+                self._drop(key, old)
+            self._entries[key] = _Entry(res.offset, res.nbytes, res.meta, res.data)
+            self._policy.insert(key, res.nbytes)
+            self._count("puts")
+            self._count("bytes_written", res.nbytes)
+        if self._listeners:  # skip building the event when nobody listens (a read of a list is atomic)
+            self._emit_stored([key], [res.meta])
+        return True
+
+    def _abort(self, res: SlotReservation) -> None:
+        with self._lock:
+            if res._state != _RESERVED:
+                return
+            res._state = _DONE
+            if not self._closed:
+                self._pool.free(res.offset)
+
     # -- the Tier contract ---------------------------------------------------------------------------
     def put(
         self,
@@ -153,51 +276,21 @@ class PooledTier(Tier):
         evict: bool = True,
         if_absent: bool = False,
     ) -> None:
-        """Copy ``data`` into a slot (see :meth:`Tier.put`).
+        """Copy ``data`` into a slot (see :meth:`Tier.put`): :meth:`reserve`, copy, commit.
 
         ``if_absent=True`` (the Store promoting a chunk) keeps a value that another thread stored meanwhile
         instead of replacing it with this, possibly older, one.
         """
-        key = check_key(key)
         src = _as_bytes(data)
-        length = src.numel()
-        if length > self._pool.slot_bytes:
-            raise ChunkTooLargeError(
-                f"a {length}-byte chunk exceeds the {self.name} tier's slots ({self._pool.slot_bytes} bytes)"
-            )
-        evicted: list[tuple[bytes, ChunkMeta]] = []
+        res = self.reserve(key, src.numel(), meta, evict=evict)
         try:
-            with self._lock:
-                self._check_open()
-                slot = self._reserve(length, evict, evicted)
-        finally:
-            # Listeners run outside the lock; the victims are gone whatever happens to this put.
-            if evicted:
-                self._emit_removed([k for k, _ in evicted], [m for _, m in evicted])
-        try:
-            view = self._pool.view(slot, length)
-            view.copy_(src)
+            res.data.copy_(src)
         except Exception as exc:
+            res.abort()
             with self._lock:
-                self._pool.free(slot)
                 self._count("errors")
             raise TierIOError(f"copy into the {self.name} tier failed: {exc}") from exc
-        entry = _Entry(slot, length, meta, view)
-        with self._lock:
-            if self._closed:
-                raise StoreError(f"the {self.name} tier is closed")
-            old = self._entries.get(key)
-            if old is not None:
-                if if_absent:
-                    self._pool.free(slot)
-                    return
-                self._drop(key, old)
-            self._entries[key] = entry
-            self._policy.insert(key, length)
-            self._count("puts")
-            self._count("bytes_written", length)
-        if self._listeners:  # skip building the event when nobody listens (a read of a list is atomic)
-            self._emit_stored([key], [meta])
+        self._commit(res, if_absent)
 
     def _pin(self, key: bytes, count: bool = True) -> _Entry | None:
         with self._lock:

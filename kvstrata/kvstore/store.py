@@ -45,6 +45,7 @@ import queue
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from prometheus_client import Counter
@@ -57,7 +58,7 @@ from kvstrata.errors import (
     TierFullError,
     TierIOError,
 )
-from kvstrata.kvstore.memory import PooledTier
+from kvstrata.kvstore.memory import PooledTier, SlotReservation
 from kvstrata.kvstore.tier import (
     EMPTY_META,
     BufferLike,
@@ -71,7 +72,9 @@ from kvstrata.kvstore.tier import (
     check_key,
 )
 
-__all__ = ["PrefixLookup", "Store", "available_memory_bytes"]
+__all__ = ["PrefixLookup", "Store", "StoreReservation", "available_memory_bytes"]
+
+_T = TypeVar("_T")
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +148,59 @@ def _pin_for_move(tier: Tier, key: bytes) -> ChunkHandle | None:
     if isinstance(tier, PooledTier):
         return tier.acquire(key, count=False)
     return tier.acquire(key)
+
+
+class StoreReservation:
+    """A slot reserved in the Store's top tier (see :meth:`Store.reserve`): fill :attr:`data`, then
+    :meth:`commit` or :meth:`abort`; as a context manager it aborts unless committed."""
+
+    __slots__ = ("_res", "_store")
+
+    def __init__(self, store: Store, res: SlotReservation) -> None:
+        self._store = store
+        self._res = res
+
+    @property
+    def key(self) -> bytes:
+        """The chunk's key."""
+        return self._res.key
+
+    @property
+    def nbytes(self) -> int:
+        """The chunk's length."""
+        return self._res.nbytes
+
+    @property
+    def data(self) -> torch.Tensor:
+        """The writable uint8 view of exactly :attr:`nbytes` bytes of the slot."""
+        return self._res.data
+
+    @property
+    def offset(self) -> int:
+        """The slot's byte offset in the top tier's pool buffer."""
+        return self._res.offset
+
+    @property
+    def active(self) -> bool:
+        """Neither committed nor aborted yet."""
+        return self._res.active
+
+    def commit(self) -> None:
+        """Publish the chunk (replacing an older value) and drop stale copies in the other tiers, as
+        :meth:`Store.put` does. Raises :class:`StoreError` if the store closed meanwhile (nothing is
+        published then) and :class:`InvalidArgumentError` if already committed or aborted."""
+        self._res.commit()
+        self._store._published(0, self._res.key)
+
+    def abort(self) -> None:
+        """Free the slot; nothing becomes visible. A no-op once committed or aborted."""
+        self._res.abort()
+
+    def __enter__(self) -> StoreReservation:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._res.abort()
 
 
 class Store:
@@ -308,6 +364,45 @@ class Store:
         if landed < 0:
             assert error is not None
             raise error
+        self._published(landed, key)
+
+    def reserve(self, key: bytes, nbytes: int, meta: ChunkMeta = EMPTY_META) -> StoreReservation | None:
+        """Reserve a slot for a ``nbytes`` chunk in the top tier, to be filled in place and committed.
+
+        Call order: ``reserve`` -> fill ``reservation.data`` (or, for a writer mapping the pool buffer,
+        the bytes at ``reservation.offset``) -> ``reservation.commit()`` or ``reservation.abort()`` (a
+        ``with`` block aborts unless committed). Room is made exactly as :meth:`put` makes it in that tier
+        (victims demoted one tier down first). Until the commit nothing is visible and the slot is pinned;
+        the commit publishes the chunk atomically and, as a put does, drops older copies of the key in the
+        other tiers and queues write-through copies. An abort frees the slot and leaves every tier as it
+        was (apart from victims already demoted to make room).
+
+        Returns ``None`` when the top tier is not a host-memory pooled tier, the chunk is larger than its
+        slots, or no room can be made in it: the caller then falls back to :meth:`put` (which may still
+        place the chunk in a lower tier). Raises :class:`StoreError` when the store is closed.
+        """
+        key = check_key(key)
+        self._check_open()
+        if not self.tiers:
+            return None
+        tier = self.tiers[0]
+        if not isinstance(tier, PooledTier) or tier.buffer.device.type != "cpu":
+            return None
+        if not 0 <= nbytes <= tier.slot_bytes:
+            return None
+
+        def take(evict: bool) -> SlotReservation:
+            return tier.reserve(key, nbytes, meta, evict=evict)
+
+        try:
+            res = self._with_room(0, nbytes, take)
+        except (ChunkTooLargeError, TierFullError, TierIOError):
+            return None
+        return StoreReservation(self, res)
+
+    def _published(self, landed: int, key: bytes) -> None:
+        """After ``key`` landed in tier ``landed`` (a put or a committed reservation): drop stale copies,
+        queue write-through, relieve the tier."""
         lower = range(landed + 1, len(self.tiers))
         # No other tier may keep an older value: a higher one (passed over, e.g. pinned full) would shadow
         # the new value on reads, and demotion skips the copy when a lower one already holds the key.
@@ -336,23 +431,27 @@ class Store:
             else:
                 tier.put(key, src, meta, evict=evict)
 
+        self._with_room(index, src.numel(), put)
+
+    def _with_room(self, index: int, nbytes: int, place: Callable[[bool], _T]) -> _T:
+        """``place(evict)`` a ``nbytes`` chunk in tier ``index`` (a put or a reservation), demoting the
+        tier's victims one tier down first when it is full; raises what ``place(True)`` raises."""
+        tier = self.tiers[index]
         if index == len(self.tiers) - 1:
-            put(True)  # the bottom tier drops its coldest chunks itself
-            return
+            return place(True)  # the bottom tier drops its coldest chunks itself
         for _ in range(_MAKE_ROOM_ROUNDS):
             try:
-                put(False)
-                return
+                return place(False)
             except TierFullError:
                 pass
-            victims = _victims_for(tier, src.numel())
+            victims = _victims_for(tier, nbytes)
             if not victims:
-                if _fits(tier, src.numel()):
+                if _fits(tier, nbytes):
                     continue  # another thread made room meanwhile
                 raise TierFullError(f"the {tier.name} tier is full and every chunk in it is pinned")
             for victim in victims:
                 self._demote(index, victim, must_free=True)
-        put(True)
+        return place(True)
 
     def _demote(self, index: int, key: bytes, *, must_free: bool) -> bool:
         """Copy ``key`` from tier ``index`` to the highest lower tier that takes it, then drop it there.
