@@ -4,8 +4,10 @@ One coroutine per connection reads frames and answers them in order (pipelined c
 in flight; replies carry the request id). Sockets are driven directly (non-blocking ``recv_into`` /
 ``sendmsg`` plus loop readiness callbacks) rather than through asyncio streams, so that:
 
-- payloads are read straight into their destination: a per-connection receive buffer that is reused
-  (then one copy into the Store's host-tier slot), never a growing stream buffer;
+- put payloads are read straight into their destination: slots reserved in the Store's top tier
+  (``Store.reserve``), committed once the bytes are in and their checksum holds, aborted otherwise
+  (nothing partial is ever visible); only when no slot can be reserved, into a reused per-connection
+  buffer and then put (one copy more). Never a growing stream buffer;
 - chunk replies are sent with one ``sendmsg`` of [header+metadata, pinned slot views...] while the chunks
   are pinned, so nothing is copied and a slow reader holds no server memory beyond its pins;
 - back-pressure is TCP's own: a connection whose replies are not being read stops being read, its pins
@@ -297,6 +299,11 @@ class CacheServer:
                 if opcode not in p.EXTENSION_OPS or opcode in self._handlers:
                     raise InvalidArgumentError(f"extension {ext.name}: opcode 0x{opcode:02x} is not free")
                 self._handlers[opcode] = handler
+
+    @property
+    def offloads(self) -> bool:
+        """Whether Store calls run on worker threads (a disk tier may block) rather than inline."""
+        return self._offload
 
     async def run_store(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a Store call: inline for memory tiers, on a worker thread when a disk tier may block."""

@@ -7,6 +7,7 @@ Store calls go through ``server.run_store`` (off the event loop when a disk tier
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -80,32 +81,132 @@ async def _receive_chunk(conn: ServerConnection, size: int, crc: int | None) -> 
     return buf
 
 
-async def _put(conn: ServerConnection, header: p.Header, meta: p.PutRequest) -> None:
-    data = await _receive_chunk(conn, header.payload_len, header.checksum if header.has_checksum else None)
-    if data is None:
-        await conn.error(header.request_id, "corrupt", "payload checksum mismatch; chunk not stored")
+def _reserve(store: Any, key: bytes, size: int, meta: ChunkMeta) -> Any | None:
+    """A Store reservation for one chunk, or ``None`` (no reserve call, no room on top, a bad key):
+    the caller then receives into the connection's buffer and puts (one copy more)."""
+    reserve = getattr(store, "reserve", None)
+    if reserve is None:
+        return None
+    try:
+        return reserve(key, size, meta)
+    except KVStrataError:
+        return None
+
+
+def _reserve_run(store: Any, items: Sequence[p.PutItem]) -> list[Any]:
+    """Reservations for the leading ``items``, stopping at the first that gets none (so that the chunks
+    before it are committed before it is put: they may be what it has to evict)."""
+    out: list[Any] = []
+    try:
+        for item in items:
+            res = _reserve(store, item.key, item.size, _chunk_meta(item.meta))
+            if res is None:
+                break
+            out.append(res)
+    except BaseException:
+        for res in out:
+            res.abort()
+        raise
+    return out
+
+
+async def _reserved(conn: ServerConnection, fn: Any, *args: Any) -> Any:
+    """``run_store(fn, ...)`` returning reservations: if this task is cancelled while a worker thread
+    makes them, they are aborted when it is done (never leaked)."""
+    server = conn.server
+    if not server.offloads:
+        return fn(*args)
+    fut = asyncio.ensure_future(server.run_store(fn, *args))
+    try:
+        return await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        fut.add_done_callback(_abort_result)
+        raise
+
+
+def _abort_result(fut: asyncio.Future[Any]) -> None:
+    if fut.cancelled() or fut.exception() is not None:
         return
-    await conn.server.run_store(conn.store.put, meta.key, data, _chunk_meta(meta.meta))
+    result = fut.result()
+    for res in result if isinstance(result, list) else [result]:
+        if res is not None:
+            res.abort()
+
+
+def _commit_all(reservations: Sequence[Any]) -> list[str]:
+    """Commit each reservation still active; their result codes ("" when stored)."""
+    codes: list[str] = []
+    for res in reservations:
+        if not res.active:
+            codes.append("corrupt")  # aborted after a checksum failure
+            continue
+        try:
+            res.commit()
+        except KVStrataError as exc:
+            codes.append(error_code(exc))
+            continue
+        codes.append("")
+    return codes
+
+
+async def _put(conn: ServerConnection, header: p.Header, meta: p.PutRequest) -> None:
+    crc = header.checksum if header.has_checksum else None
+    chunk_meta = _chunk_meta(meta.meta)
+    res = await _reserved(conn, _reserve, conn.store, meta.key, header.payload_len, chunk_meta)
+    if res is None:
+        data = await _receive_chunk(conn, header.payload_len, crc)
+        if data is None:
+            await conn.error(header.request_id, "corrupt", "payload checksum mismatch; chunk not stored")
+            return
+        await conn.server.run_store(conn.store.put, meta.key, data, chunk_meta)
+        await conn.reply(p.Op.PUT, header.request_id, p.Empty())
+        return
+    try:
+        # The payload lands in the reserved slot itself; nothing is visible until the commit, and a
+        # short read, a closed connection or a failed checksum aborts it (the finally below).
+        view = byte_view(res.data)
+        await conn.read_payload_into(view)
+        if crc is not None and p.checksum(view) != crc:
+            res.abort()
+            await conn.error(header.request_id, "corrupt", "payload checksum mismatch; chunk not stored")
+            return
+        await conn.server.run_store(res.commit)
+    finally:
+        res.abort()  # a no-op once committed
     await conn.reply(p.Op.PUT, header.request_id, p.Empty())
 
 
 async def _put_many(conn: ServerConnection, header: p.Header, meta: p.PutManyRequest) -> None:
     if sum(item.size for item in meta.items) != header.payload_len:
         raise ProtocolError("PUT_MANY item sizes do not add up to the payload length")
-    whole: torch.Tensor | None = None
-    if header.payload_len <= conn.server.max_inflight_bytes:
-        # One receive for the whole frame (fewer syscalls and wake-ups than one per chunk); the next
-        # frame of a pipelining client keeps arriving in the kernel while these chunks are stored.
-        whole = conn.receive_buffer(header.payload_len)
-        await conn.read_payload_into(byte_view(whole))
-        results = await conn.server.run_store(
-            _store_frame, conn.store, whole, meta.items, header.has_checksum
-        )
-    else:
-        results = []
-        for item in meta.items:
-            data = await _receive_chunk(conn, item.size, item.checksum if header.has_checksum else None)
-            results.append(_store_one(conn.store, item, data))
+    items = meta.items
+    verify = header.has_checksum
+    budget = conn.server.max_inflight_bytes
+    results: list[str] = []
+    while len(results) < len(items):
+        # The next run of chunks whose reserved slots stay within the connection's in-flight budget (at
+        # least one chunk): reserved together, received in turn straight into their slots, committed.
+        first = len(results)
+        end, total = first, 0
+        while end < len(items) and (end == first or total + items[end].size <= budget):
+            total += items[end].size
+            end += 1
+        run: list[Any] = await _reserved(conn, _reserve_run, conn.store, items[first:end])
+        if not run:
+            item = items[first]
+            data = await _receive_chunk(conn, item.size, item.checksum if verify else None)
+            results.append(await conn.server.run_store(_store_one, conn.store, item, data))
+            continue
+        try:
+            for item, res in zip(items[first : first + len(run)], run, strict=True):
+                view = byte_view(res.data)
+                await conn.read_payload_into(view)
+                if verify and p.checksum(view) != item.checksum:
+                    res.abort()
+            results.extend(await conn.server.run_store(_commit_all, run))
+        finally:
+            for res in run:
+                res.abort()  # a no-op for the committed ones
     await conn.reply(p.Op.PUT_MANY, header.request_id, p.PutManyReply(results=results))
 
 
@@ -118,20 +219,6 @@ def _store_one(store: Any, item: p.PutItem, data: torch.Tensor | None) -> str:
     except KVStrataError as exc:
         return error_code(exc)
     return ""
-
-
-def _store_frame(store: Any, whole: torch.Tensor, items: Sequence[p.PutItem], verify: bool) -> list[str]:
-    """Check and store every chunk of a received PUT_MANY frame (runs off the event loop when the
-    Store has a disk tier, whose demotions may block)."""
-    results: list[str] = []
-    offset = 0
-    for item in items:
-        data: torch.Tensor | None = whole[offset : offset + item.size]
-        offset += item.size
-        if verify and p.checksum(byte_view(data)) != item.checksum:  # type: ignore[arg-type]
-            data = None
-        results.append(_store_one(store, item, data))
-    return results
 
 
 def _acquire(conn: ServerConnection, key: bytes) -> ChunkHandle | None:

@@ -1,0 +1,138 @@
+"""PUT and PUT_MANY received straight into reserved slots: a put that cannot complete (failed checksum,
+connection gone mid-payload) leaves no visible chunk and no held slot; fallbacks when none is reserved."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from kvstrata.client import Client
+from kvstrata.kvstore.device import DeviceTier
+from kvstrata.kvstore.host import HostTier
+from kvstrata.kvstore.store import Store
+from kvstrata.transport import protocol as p
+from tests.kvstore.conformance_tier import chunk_key
+from tests.server.test_server import Raw, port_of, server_connections
+from tests.transport.servers import InProcessServer, wait_until
+
+pytestmark = pytest.mark.timeout(60)
+
+SLOT = 256 << 10
+
+
+@pytest.fixture
+def server() -> Iterator[InProcessServer]:
+    with InProcessServer(capacity=8 * SLOT, slot=SLOT) as srv:
+        yield srv
+
+
+def top_used(srv: InProcessServer) -> int:
+    return int(srv.store.tiers[0].used_bytes)
+
+
+def test_put_lands_in_a_slot_and_a_bad_checksum_leaves_the_old_value(server: InProcessServer) -> None:
+    key = chunk_key(1, b"reserve")
+    raw = Raw(port_of(server))
+    first = os.urandom(SLOT)
+    raw.send(p.Op.PUT, 2, p.PutRequest(key=key), first, crc=p.checksum(first))
+    assert raw.frame().header.opcode == p.Op.PUT
+    assert top_used(server) == SLOT
+    second = os.urandom(SLOT)
+    raw.send(p.Op.PUT, 3, p.PutRequest(key=key), second, crc=p.checksum(second) ^ 1)
+    reply = raw.frame()
+    assert reply.header.opcode == p.Op.ERROR and reply.meta.code == "corrupt"
+    got = server.store.get(key)
+    assert got is not None and bytes(got.numpy()) == first, "a failed put replaced the stored value"
+    assert top_used(server) == SLOT, "the aborted reservation's slot leaked"
+    raw.send(p.Op.PUT, 4, p.PutRequest(key=key), second)  # no checksum flag: stored as sent
+    assert raw.frame().header.opcode == p.Op.PUT
+    got = server.store.get(key)
+    assert got is not None and bytes(got.numpy()) == second and top_used(server) == SLOT
+    raw.close()
+
+
+def test_connection_dying_mid_put_leaves_nothing(server: InProcessServer) -> None:
+    key = chunk_key(2, b"reserve")
+    raw = Raw(port_of(server))
+    payload = os.urandom(SLOT)
+    frame = raw.encode(p.Op.PUT, 5, p.PutRequest(key=key), payload, crc=p.checksum(payload))
+    raw.sock.sendall(frame[: len(frame) - SLOT // 2])  # header, metadata, half the payload
+    assert wait_until(lambda: top_used(server) == SLOT), "no slot was reserved for the payload"
+    assert not server.store.contains(key) and server.store.get(key) is None, "a partial chunk is visible"
+    raw.sock.shutdown(socket.SHUT_RDWR)
+    raw.close()
+    assert wait_until(lambda: server_connections(server) == 0)
+    assert wait_until(lambda: top_used(server) == 0), "the reservation outlived its connection"
+    assert not server.store.contains(key)
+
+
+def put_many_frame(raw: Raw, rid: int, keys: list[bytes], chunks: list[bytes], bad: set[int]) -> bytes:
+    items = [
+        p.PutItem(key=k, size=len(c), checksum=p.checksum(c) ^ (1 if i in bad else 0))
+        for i, (k, c) in enumerate(zip(keys, chunks, strict=True))
+    ]
+    return raw.encode(p.Op.PUT_MANY, rid, p.PutManyRequest(items=items), b"".join(chunks), crc=0)
+
+
+def test_put_many_stores_the_good_chunks_and_refuses_the_corrupt_one(server: InProcessServer) -> None:
+    keys = [chunk_key(i, b"many") for i in range(4)]
+    chunks = [os.urandom(SLOT // (i + 1)) for i in range(4)]
+    raw = Raw(port_of(server))
+    raw.sock.sendall(put_many_frame(raw, 7, keys, chunks, bad={1}))
+    reply = raw.frame()
+    assert reply.header.opcode == p.Op.PUT_MANY and reply.meta.results == ["", "corrupt", "", ""]
+    assert not server.store.contains(keys[1])
+    for i in (0, 2, 3):
+        got = server.store.get(keys[i])
+        assert got is not None and bytes(got.numpy()) == chunks[i]
+    held = sum(server.store.tiers[0].slot_span(k) is not None for k in keys)  # type: ignore[union-attr]
+    assert held == 3 and len(server.store.tiers[0]) == 3
+    raw.close()
+
+
+def test_connection_dying_mid_put_many_leaves_nothing(server: InProcessServer) -> None:
+    keys = [chunk_key(i, b"dies") for i in range(4)]
+    chunks = [os.urandom(SLOT) for _ in range(4)]
+    raw = Raw(port_of(server))
+    frame = put_many_frame(raw, 8, keys, chunks, bad=set())
+    raw.sock.sendall(frame[: len(frame) - SLOT - SLOT // 2])  # two whole chunks and half the third
+    assert wait_until(lambda: top_used(server) == 4 * SLOT), "the frame's slots were not reserved"
+    assert not any(server.store.contains(k) for k in keys), "uncommitted chunks are visible"
+    raw.close()
+    assert wait_until(lambda: server_connections(server) == 0)
+    assert wait_until(lambda: top_used(server) == 0), "reservations leaked"
+    assert not any(server.store.contains(k) for k in keys)
+
+
+def test_put_many_beyond_the_inflight_budget_and_top_tier_turnover() -> None:
+    # Runs of at most two slots in flight; ten chunks through an eight-slot tier (the oldest evicted).
+    with InProcessServer(capacity=8 * SLOT, slot=SLOT, max_inflight_bytes=2 * SLOT) as srv:
+        keys = [chunk_key(i, b"budget") for i in range(10)]
+        data = [torch.randint(0, 256, (SLOT - i,), dtype=torch.uint8) for i in range(10)]
+        with Client(srv.url) as client:
+            client.put_many(keys, data)
+            got = client.get_many(keys[2:])
+        assert all(g is not None and torch.equal(g, d) for g, d in zip(got, data[2:], strict=True))
+        assert top_used(srv) == 8 * SLOT and len(srv.store.tiers[0]) == 8
+
+
+def test_falls_back_to_a_copy_when_no_slot_can_be_reserved() -> None:
+    # The top tier's only slot is pinned by a reader: the put lands in the tier below, as Store.put does.
+    store = Store([DeviceTier(SLOT, SLOT, device="cpu"), HostTier(4 * SLOT, SLOT)])
+    with InProcessServer(store=store) as srv, Client(srv.url) as client:
+        pinned = chunk_key(1, b"fallback")
+        client.put(pinned, torch.ones(SLOT, dtype=torch.uint8))
+        handle = store.acquire(pinned)
+        assert handle is not None
+        with handle:
+            keys = [chunk_key(i, b"fallback") for i in range(2, 5)]
+            data = [torch.full((SLOT // 2,), i, dtype=torch.uint8) for i in range(3)]
+            client.put(keys[0], data[0])
+            client.put_many(keys[1:], data[1:])
+            assert all(store.tiers[1].contains(k) for k in keys)
+            got = client.get_many(keys)
+            assert all(g is not None and torch.equal(g, d) for g, d in zip(got, data, strict=True))
