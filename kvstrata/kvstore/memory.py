@@ -106,13 +106,21 @@ class SlotReservation:
         """Neither committed nor aborted yet."""
         return self._state == _RESERVED
 
-    def commit(self, *, if_absent: bool = False) -> bool:
+    def commit(
+        self, key: bytes | None = None, meta: ChunkMeta | None = None, *, if_absent: bool = False
+    ) -> bool:
         """Publish the filled slot atomically as the chunk under :attr:`key`, replacing an older one.
 
-        ``if_absent=True`` keeps a value stored meanwhile and frees this slot instead (returns False).
-        Raises :class:`InvalidArgumentError` if already committed or aborted, :class:`StoreError` if the
-        tier was closed meanwhile (the reservation is over either way).
+        ``key`` and ``meta``, when given, replace those given to ``reserve`` (a writer that learns them
+        only after writing: the shm and nixl put leases). ``if_absent=True`` keeps a value stored
+        meanwhile and frees this slot instead (returns False). Raises :class:`InvalidArgumentError` if
+        already committed or aborted (or for a bad key: the reservation stays active then),
+        :class:`StoreError` if the tier was closed meanwhile (the reservation is over).
         """
+        if key is not None:
+            self.key = check_key(key)
+        if meta is not None:
+            self.meta = meta
         return self._tier._commit(self, if_absent)
 
     def abort(self) -> None:

@@ -185,11 +185,12 @@ class StoreReservation:
         """Neither committed nor aborted yet."""
         return self._res.active
 
-    def commit(self) -> None:
+    def commit(self, key: bytes | None = None, meta: ChunkMeta | None = None) -> None:
         """Publish the chunk (replacing an older value) and drop stale copies in the other tiers, as
-        :meth:`Store.put` does. Raises :class:`StoreError` if the store closed meanwhile (nothing is
-        published then) and :class:`InvalidArgumentError` if already committed or aborted."""
-        self._res.commit()
+        :meth:`Store.put` does. ``key`` and ``meta`` replace those given to :meth:`Store.reserve` (for
+        writers that learn them late). Raises :class:`StoreError` if the store closed meanwhile (nothing
+        is published then) and :class:`InvalidArgumentError` if already committed or aborted."""
+        self._res.commit(key, meta)
         self._store._published(0, self._res.key)
 
     def abort(self) -> None:

@@ -12,15 +12,21 @@ keep them there. Five extension opcodes at ``base + 0..4`` (shm: 0x40, nixl: 0x5
   when no lease could be granted now (the client fetches it over the control connection instead).
 - ``RELEASE`` ``{leases}`` -> ``{valid}``: unpins; ``valid[i]`` is false when the lease had expired, in
   which case the bytes the client copied may have been overwritten and the client reports a miss.
-- ``PUT_BEGIN`` ``{sizes}`` -> ``{leases, positions}``: staging slots to write into (lease 0: none free).
-- ``PUT_COMMIT`` ``{items: [{lease, key, size, meta}]}`` -> ``{results}``: the server stores each staged
-  chunk (one copy, staging slot -> Store) and frees the slot; ``results`` as in PUT_MANY.
+- ``PUT_BEGIN`` ``{sizes}`` -> ``{leases, positions}``: slots to write into (lease 0: none free). Each is
+  a slot reserved in the Store's top tier (``Store.reserve``) when that tier lies in the shared region,
+  so the client writes the chunk where it will stay; else (or beyond the bound on reserved slots) a
+  staging slot.
+- ``PUT_COMMIT`` ``{items: [{lease, key, size, meta}]}`` -> ``{results}``: the server commits each
+  reserved slot under its key (no copy), or stores a staged chunk (one copy, staging slot -> Store) and
+  frees the staging slot; ``results`` as in PUT_MANY.
 
 Leases are per connection and bounded (``MAX_LEASES_PER_CONNECTION``); they expire after ``lease_ttl_s``
 (a client that stalls must not pin memory forever) and all of a connection's leases end when it closes.
 An expired *get* lease unpins the chunk (its slot may be reused; the client's RELEASE learns that and
-reports a miss). An expired *put* lease's staging slot is quarantined until its connection closes, because
-the client may still be writing into it. All lease state lives on the server's event-loop thread.
+reports a miss). An expired *put* lease's slot (reserved or staging) is quarantined until its connection
+closes, because the client may still be writing into it; then a reserved slot is aborted (never visible).
+Put reservations held by all connections together are bounded by the number of staging slots (the memory
+bound the staging slots alone had). All lease state lives on the server's event-loop thread.
 """
 
 from __future__ import annotations
@@ -185,8 +191,14 @@ class _Lease:
     size: int
     handle: ChunkHandle | None = None
     staging: int | None = None
+    #: a Store reservation the client writes into (a put lease), committed by PUT_COMMIT
+    reserved: Any = None
     put: bool = False
     expired: bool = False
+
+
+#: The key a put reservation is made under before PUT_COMMIT names the real one (never visible).
+_PENDING_KEY = bytes(16)
 
 
 def _chunk_meta(meta: p.WireMeta) -> ChunkMeta:
@@ -223,6 +235,9 @@ class LeaseServer:
         self._leases: OrderedDict[int, _Lease] = OrderedDict()
         self._per_owner: dict[int, set[int]] = {}
         self._quarantine: dict[int, list[int]] = {}
+        self._quarantined_reservations: dict[int, list[Any]] = {}
+        #: put leases holding a Store reservation, all connections together
+        self.reserved_puts = 0
         self._next_id = 1
         self._reaper: asyncio.TimerHandle | None = None
         self.counters = {"leases": 0, "expired": 0, "staged_gets": 0, "deferred": 0}
@@ -244,6 +259,14 @@ class LeaseServer:
         if lease.handle is not None:
             lease.handle.release()
             lease.handle = None
+        if lease.reserved is not None:
+            self.reserved_puts -= 1
+            if expired and lease.put:
+                # The client may still be writing into it: hold it (invisible) until the connection ends.
+                self._quarantined_reservations.setdefault(lease.owner, []).append(lease.reserved)
+            else:
+                lease.reserved.abort()  # a no-op once committed
+            lease.reserved = None
         if lease.staging is not None:
             if expired and lease.put:
                 # The client may still be writing into it: keep it out of use until the connection ends.
@@ -302,6 +325,8 @@ class LeaseServer:
                 self._end(lease_id, lease, expired=False)
         for slot in self._quarantine.pop(owner, []):
             self.staging.free(slot)
+        for res in self._quarantined_reservations.pop(owner, []):
+            res.abort()
 
     def close(self) -> None:
         """End every lease (at shutdown)."""
@@ -377,16 +402,47 @@ class LeaseServer:
             valid.append(True)
         return ReleaseReply(valid=valid)
 
-    def put_begin(self, owner: int, sizes: Sequence[int]) -> PutBeginReply:
-        """Lease a staging slot for each chunk that fits and while slots are free."""
+    def _reserve(self, store: Any, size: int) -> tuple[Any, int] | None:
+        """A Store reservation for a ``size``-byte chunk in the shared region and its position, or
+        ``None`` (no reserve call, no room, not in the shared region, or the bound on reservations)."""
+        if store is None or self.reserved_puts >= self.staging.num_slots:
+            return None
+        reserve = getattr(store, "reserve", None)
+        if reserve is None:
+            return None
+        try:
+            # The key and metadata come with PUT_COMMIT; until then the slot is invisible anyway.
+            res = reserve(_PENDING_KEY, size)
+        except KVStrataError:
+            return None
+        if res is None:
+            return None
+        position = self._locate(res.data) if res.data.is_cpu else None
+        if position is None:
+            res.abort()
+            return None
+        return res, position
+
+    def put_begin(self, owner: int, sizes: Sequence[int], store: Any = None) -> PutBeginReply:
+        """Lease a slot for each chunk that fits: a reservation in ``store``'s top tier when it lies in
+        the shared region (the client writes the chunk in place), else a staging slot while any is free."""
         self.reap()
         leases: list[int] = []
         positions: list[int] = []
         deadline = time.monotonic() + self.lease_ttl_s
         for size in sizes:
-            slot = None
-            if size <= self.staging.slot_bytes and self.held_by(owner) < MAX_LEASES_PER_CONNECTION:
-                slot = self.staging.alloc()
+            if self.held_by(owner) >= MAX_LEASES_PER_CONNECTION:
+                leases.append(0)
+                positions.append(-1)
+                continue
+            reserved = self._reserve(store, size)
+            if reserved is not None:
+                lease = _Lease(owner, deadline, size, reserved=reserved[0], put=True)
+                self.reserved_puts += 1
+                leases.append(self._new_lease(owner, lease))
+                positions.append(reserved[1])
+                continue
+            slot = self.staging.alloc() if size <= self.staging.slot_bytes else None
             if slot is None:
                 leases.append(0)
                 positions.append(-1)
@@ -404,7 +460,7 @@ class LeaseServer:
         results: list[str] = []
         for item in items:
             lease = self._leases.get(item.lease)
-            if lease is None or lease.owner != owner or not lease.put or lease.staging is None:
+            if lease is None or lease.owner != owner or not lease.put:
                 results.append("busy")  # expired or unknown: nothing stored, the client may retry
                 continue
             if item.size > lease.size:
@@ -412,7 +468,16 @@ class LeaseServer:
                 results.append("invalid_argument")
                 continue
             try:
-                store.put(item.key, self.staging.view(lease.staging, item.size), _chunk_meta(item.meta))
+                if lease.reserved is not None:
+                    if item.size == lease.reserved.nbytes:
+                        lease.reserved.commit(item.key, _chunk_meta(item.meta))  # in place: no copy
+                    else:  # written shorter than reserved: store the bytes written (then abort it)
+                        data = lease.reserved.data[: item.size]
+                        store.put(item.key, data, _chunk_meta(item.meta))
+                else:
+                    assert lease.staging is not None
+                    data = self.staging.view(lease.staging, item.size)
+                    store.put(item.key, data, _chunk_meta(item.meta))
             except KVStrataError as exc:
                 results.append(error_code(exc))
             else:
@@ -439,7 +504,7 @@ class LeaseServer:
 
         async def on_put_begin(conn: Any, header: p.Header, meta: PutBeginRequest) -> None:
             _no_payload(header)
-            reply = self.put_begin(id(conn), meta.sizes)
+            reply = self.put_begin(id(conn), meta.sizes, conn.store)
             self._schedule_reaper()
             await conn.reply(base + PUT_BEGIN, header.request_id, reply)
 

@@ -5,8 +5,10 @@ connects over the usual kvs control connection (HELLO, auth), then sends ``NIXL_
 metadata and receives the server agent's (both sides load the other's, so UCX can wire up either way).
 Gets and puts then follow :mod:`kvstrata.transport.lease`: the server pins a chunk and returns its address,
 the client READs it straight into the destination tensor (registered for the transfer) and releases the
-lease; a put is WRITTEN into a leased staging slot and committed. On a CPU-only machine UCX moves the bytes
-with TCP and cross-memory attach (DRAM to DRAM); with RDMA NICs and GPU memory the same code path uses them.
+lease; a put is WRITTEN straight into a slot reserved in the host pool and committed there (a staging
+slot and one server-side copy only when no pool slot can be reserved). On a CPU-only machine UCX moves the
+bytes with TCP and cross-memory attach (DRAM to DRAM); with RDMA NICs and GPU memory the same code path uses
+them.
 
 Opcodes (see ``docs/protocol.md``, "nixl"): ``0x50`` NIXL_ATTACH, ``0x51`` LEASE_GET, ``0x52`` RELEASE,
 ``0x53`` PUT_BEGIN, ``0x54`` PUT_COMMIT.

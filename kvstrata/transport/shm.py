@@ -6,8 +6,8 @@ connection (HELLO, auth), then asks for the segment's name with ``SHM_ATTACH`` â
 pre-auth greeting â€” and maps it. Gets and puts then follow :mod:`kvstrata.transport.lease`: the server pins
 the chunk and returns its offset, the client copies straight between its tensor and the mapping (one
 single-threaded memcpy for host tensors, ``copy_`` for device tensors) and releases the lease; a put is
-written into a leased staging slot and committed (one server-side copy into the pool, because the host tier
-has no reserve-then-commit call).
+written straight into a slot reserved in the host pool (``Store.reserve``) and committed in place, with no
+server-side copy; only when no pool slot can be reserved does it go through a staging slot (one copy).
 
 Opcodes (see ``docs/protocol.md``, "shm"): ``0x40`` SHM_ATTACH, ``0x41`` LEASE_GET, ``0x42`` RELEASE,
 ``0x43`` PUT_BEGIN, ``0x44`` PUT_COMMIT.
