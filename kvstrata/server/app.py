@@ -185,6 +185,27 @@ class ServerConnection:
         await self.recv_exact(view)
         _BYTES_IN.inc(len(view))
 
+    async def read_payload_checksum(self, view: memoryview) -> int:
+        """Like :meth:`read_payload_into`, returning the CRC-32C of what was read, computed piece by piece
+        as it arrives (each piece is still in cache: no second pass over the whole payload)."""
+        if len(view) > self.payload_left:
+            raise ProtocolError("payload shorter than its metadata says")
+        self.payload_left -= len(view)
+        crc = 0
+        got = 0
+        staged = self._end - self._start
+        if staged:
+            got = min(staged, len(view))
+            view[:got] = self._staging[self._start : self._start + got]
+            self._start += got
+            crc = p.checksum(view[:got])
+        while got < len(view):
+            n = await self._recv_some(view[got:])
+            crc = p.checksum(view[got : got + n], crc)
+            got += n
+        _BYTES_IN.inc(len(view))
+        return crc
+
     async def skip_payload(self) -> None:
         """Discard what is left of the current request's payload (keeps the stream in sync)."""
         if self.payload_left:

@@ -165,8 +165,9 @@ async def _put(conn: ServerConnection, header: p.Header, meta: p.PutRequest) -> 
         # The payload lands in the reserved slot itself; nothing is visible until the commit, and a
         # short read, a closed connection or a failed checksum aborts it (the finally below).
         view = byte_view(res.data)
-        await conn.read_payload_into(view)
-        if crc is not None and p.checksum(view) != crc:
+        if crc is None:
+            await conn.read_payload_into(view)
+        elif await conn.read_payload_checksum(view) != crc:
             res.abort()
             await conn.error(header.request_id, "corrupt", "payload checksum mismatch; chunk not stored")
             return
@@ -200,8 +201,9 @@ async def _put_many(conn: ServerConnection, header: p.Header, meta: p.PutManyReq
         try:
             for item, res in zip(items[first : first + len(run)], run, strict=True):
                 view = byte_view(res.data)
-                await conn.read_payload_into(view)
-                if verify and p.checksum(view) != item.checksum:
+                if not verify:
+                    await conn.read_payload_into(view)
+                elif await conn.read_payload_checksum(view) != item.checksum:
                     res.abort()
             results.extend(await conn.server.run_store(_commit_all, run))
         finally:
