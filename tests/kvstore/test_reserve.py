@@ -235,7 +235,8 @@ def test_store_commit_drops_stale_copies_and_abort_keeps_the_old_value() -> None
 
 
 def test_store_reserve_returns_none_when_the_top_cannot_take_it() -> None:
-    store = Store([DeviceTier(SLOT, SLOT, device="cpu"), HostTier(8 * SLOT, 4 * SLOT)])
+    tiers = [DeviceTier(SLOT, SLOT, device="cpu"), HostTier(8 * SLOT, 4 * SLOT)]
+    store = Store(tiers, high_watermark=1.0, low_watermark=1.0)
     try:
         assert store.reserve(chunk_key(1), 2 * SLOT) is None  # larger than the top's slots
         held = store.reserve(chunk_key(2), SLOT)

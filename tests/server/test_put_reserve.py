@@ -122,12 +122,13 @@ def test_put_many_beyond_the_inflight_budget_and_top_tier_turnover() -> None:
 
 def test_falls_back_to_a_copy_when_no_slot_can_be_reserved() -> None:
     # The top tier's only slot is pinned by a reader: the put lands in the tier below, as Store.put does.
-    store = Store([DeviceTier(SLOT, SLOT, device="cpu"), HostTier(4 * SLOT, SLOT)])
+    tiers = [DeviceTier(SLOT, SLOT, device="cpu"), HostTier(4 * SLOT, SLOT)]
+    store = Store(tiers, high_watermark=1.0, low_watermark=1.0)  # no background demotion of the pinned one
     with InProcessServer(store=store) as srv, Client(srv.url) as client:
         pinned = chunk_key(1, b"fallback")
         client.put(pinned, torch.ones(SLOT, dtype=torch.uint8))
         handle = store.acquire(pinned)
-        assert handle is not None
+        assert handle is not None and store.tiers[0].contains(pinned)
         with handle:
             keys = [chunk_key(i, b"fallback") for i in range(2, 5)]
             data = [torch.full((SLOT // 2,), i, dtype=torch.uint8) for i in range(3)]
