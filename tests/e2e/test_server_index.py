@@ -31,9 +31,18 @@ def _index_lookup(server: ServeProcess, keys: list[bytes]) -> dict[str, object]:
     return data
 
 
+def _admin_up(server: ServeProcess) -> bool:
+    # The admin port opens a moment after the data port (whose log line ServeProcess waits for).
+    try:
+        return httpx.get(f"http://127.0.0.1:{server.admin_port}/healthz", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 def test_memory_index_follows_puts_and_deletes(tmp_path: Path) -> None:
     server = ServeProcess(tmp_path, env={"KVSTRATA_INSTANCE_ID": "cache-a"}).start()
     try:
+        assert wait_until(lambda: _admin_up(server), timeout=30)
         chunk = _chunk("a")
         with Client(server.url) as client:
             client.put(chunk, b"x" * 4096)
