@@ -262,7 +262,7 @@ class PooledTier(Tier):
             self._policy.insert(key, res.nbytes)
             self._count("puts")
             self._count("bytes_written", res.nbytes)
-        if self._listeners:  # skip building the event when nobody listens (a read of a list is atomic)
+        if self._listeners:  # skip building the event when nobody listens
             self._emit_stored([key], [res.meta])
         return True
 

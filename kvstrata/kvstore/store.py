@@ -64,6 +64,7 @@ from kvstrata.kvstore.tier import (
     BufferLike,
     ChunkHandle,
     ChunkMeta,
+    ListenerSet,
     Tier,
     TierEvent,
     TierListener,
@@ -231,8 +232,7 @@ class Store:
         self._high = high_watermark
         self._low = low_watermark
         self._by_name = {t.name: t for t in self.tiers}
-        self._listeners: list[TierListener] = []
-        self._listeners_lock = threading.Lock()
+        self._listeners = ListenerSet("store")
         self._unsubscribe = [t.subscribe(self._forward) for t in self.tiers]
         self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=demotion_queue)
         self._cond = threading.Condition()
@@ -564,24 +564,10 @@ class Store:
 
     def subscribe(self, listener: TierListener) -> Callable[[], None]:
         """Call ``listener`` for every event of every tier; returns a function that unsubscribes it."""
-        with self._listeners_lock:
-            self._listeners.append(listener)
-
-        def unsubscribe() -> None:
-            with self._listeners_lock:
-                if listener in self._listeners:
-                    self._listeners.remove(listener)
-
-        return unsubscribe
+        return self._listeners.add(listener)
 
     def _forward(self, event: TierEvent) -> None:
-        with self._listeners_lock:
-            listeners = tuple(self._listeners)
-        for listener in listeners:
-            try:
-                listener(event)
-            except Exception:
-                log.exception("store: event listener failed")
+        self._listeners.emit(event)
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until background work is idle; ``False`` if ``timeout`` seconds passed first."""

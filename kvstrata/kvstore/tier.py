@@ -49,6 +49,7 @@ __all__ = [
     "BufferLike",
     "ChunkHandle",
     "ChunkMeta",
+    "ListenerSet",
     "Tier",
     "TierEvent",
     "TierListener",
@@ -179,6 +180,47 @@ def as_byte_tensor(data: BufferLike) -> torch.Tensor:
     return torch.frombuffer(view, dtype=torch.uint8)
 
 
+class ListenerSet:
+    """A thread-safe set of event listeners and their fan-out (tiers and the Store share it).
+
+    Listeners run on the emitting thread, outside the owner's locks; an exception in one is logged and
+    ignored so that a faulty listener never breaks a tier. Truthy when anyone listens, so an owner can skip
+    building events nobody reads.
+    """
+
+    __slots__ = ("_listeners", "_lock", "_owner")
+
+    def __init__(self, owner: str) -> None:
+        self._owner = owner
+        self._listeners: tuple[TierListener, ...] = ()
+        self._lock = threading.Lock()
+
+    def add(self, listener: TierListener) -> Callable[[], None]:
+        """Register ``listener``; returns a function that unregisters it."""
+        with self._lock:
+            self._listeners = (*self._listeners, listener)
+
+        def remove() -> None:
+            with self._lock:
+                if listener in self._listeners:
+                    items = list(self._listeners)
+                    items.remove(listener)
+                    self._listeners = tuple(items)
+
+        return remove
+
+    def emit(self, event: TierEvent) -> None:
+        """Call every listener with ``event``."""
+        for listener in self._listeners:  # an immutable snapshot: no lock needed to read it
+            try:
+                listener(event)
+            except Exception:
+                log.exception("%s: event listener failed", self._owner)
+
+    def __bool__(self) -> bool:
+        return bool(self._listeners)
+
+
 class Tier(ABC):
     """One level of the tiered store. See the module docstring for call order and failure semantics."""
 
@@ -186,8 +228,7 @@ class Tier(ABC):
     name: str = "tier"
 
     def __init__(self) -> None:
-        self._listeners: list[TierListener] = []
-        self._listeners_lock = threading.Lock()
+        self._listeners = ListenerSet(f"tier {self.name}")
         self.stats = TierStats()
         self._metrics = TIER_METRICS.for_tier(self.name)
 
@@ -250,24 +291,10 @@ class Tier(ABC):
     # -- events and stats shared by every tier ------------------------------------------------------
     def subscribe(self, listener: TierListener) -> Callable[[], None]:
         """Call ``listener`` for every event of this tier; returns a function that unsubscribes it."""
-        with self._listeners_lock:
-            self._listeners.append(listener)
-
-        def unsubscribe() -> None:
-            with self._listeners_lock:
-                if listener in self._listeners:
-                    self._listeners.remove(listener)
-
-        return unsubscribe
+        return self._listeners.add(listener)
 
     def _emit(self, event: TierEvent) -> None:
-        with self._listeners_lock:
-            listeners = tuple(self._listeners)
-        for listener in listeners:
-            try:
-                listener(event)
-            except Exception:
-                log.exception("tier %s: event listener failed", self.name)
+        self._listeners.emit(event)
 
     def _emit_stored(self, keys: Sequence[bytes], metas: Sequence[ChunkMeta]) -> None:
         if keys:
