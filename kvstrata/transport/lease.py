@@ -67,6 +67,7 @@ __all__ = [
     "ReleaseRequest",
     "StagingPool",
     "register_lease_ops",
+    "slot_bytes_of",
 ]
 
 log = logging.getLogger(__name__)
@@ -182,6 +183,14 @@ class StagingPool:
     def view(self, slot: int, nbytes: int) -> torch.Tensor:
         """The first ``nbytes`` of ``slot``."""
         return self.buffer.narrow(0, slot * self.slot_bytes, nbytes)
+
+
+def slot_bytes_of(config: Any) -> int:
+    """The host tier's slot size (the largest chunk) from a full config or a StoreConfig."""
+    from kvstrata.config import StoreConfig
+
+    store = getattr(config, "store", config)
+    return int(getattr(store, "slot_bytes", 0) or StoreConfig().slot_bytes)
 
 
 @dataclass(slots=True)

@@ -85,12 +85,6 @@ def _new_agent(role: str) -> Any:
         raise ConfigError(f"cannot create a NIXL agent with the UCX backend: {exc}") from exc
 
 
-def _slot_bytes(config: Any) -> int:
-    store = getattr(config, "store", None)
-    slot = getattr(store, "slot_bytes", None) or getattr(config, "slot_bytes", None)
-    return int(slot) if slot else 8 * 1024**2
-
-
 class NixlServerExtension(ServerExtension):
     """The nixl transport's server side: one agent registering the host pool and staging slots."""
 
@@ -100,7 +94,7 @@ class NixlServerExtension(ServerExtension):
         self, config: Any, *, staging_slots: int = STAGING_SLOTS, lease_ttl_s: float | None = None
     ) -> None:
         super().__init__(config)
-        self.slot_bytes = _slot_bytes(config)
+        self.slot_bytes = ls.slot_bytes_of(config)
         self.staging_slots = max(1, staging_slots)
         self.lease_ttl_s = lease_ttl_s if lease_ttl_s is not None else ls.DEFAULT_LEASE_TTL_S
         self.agent: Any = None

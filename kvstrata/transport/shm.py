@@ -184,12 +184,6 @@ def sweep_stale_segments() -> int:
     return removed
 
 
-def _slot_bytes(config: Any) -> int:
-    store = getattr(config, "store", None)
-    slot = getattr(store, "slot_bytes", None) or getattr(config, "slot_bytes", None)
-    return int(slot) if slot else 8 * 1024**2
-
-
 class ShmServerExtension(ServerExtension):
     """The shm transport's server side: the host pool in a shared segment, leases over the control port."""
 
@@ -199,7 +193,7 @@ class ShmServerExtension(ServerExtension):
         self, config: Any, *, staging_slots: int = STAGING_SLOTS, lease_ttl_s: float | None = None
     ) -> None:
         super().__init__(config)
-        self.slot_bytes = _slot_bytes(config)
+        self.slot_bytes = ls.slot_bytes_of(config)
         self.staging_slots = max(1, staging_slots)
         self.lease_ttl_s = lease_ttl_s if lease_ttl_s is not None else ls.DEFAULT_LEASE_TTL_S
         self.segment: SharedSegment | None = None
