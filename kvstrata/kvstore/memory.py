@@ -59,14 +59,17 @@ def _as_bytes(data: BufferLike) -> torch.Tensor:
 
 
 class _Entry:
-    __slots__ = ("dead", "length", "meta", "pins", "slot", "view")
+    __slots__ = ("dead", "length", "mem", "meta", "pins", "slot", "view")
 
-    def __init__(self, slot: int, length: int, meta: ChunkMeta, view: torch.Tensor) -> None:
+    def __init__(
+        self, slot: int, length: int, meta: ChunkMeta, view: torch.Tensor, mem: memoryview | None
+    ) -> None:
         self.slot = slot  # the slot's byte offset in the pool buffer
         self.length = length
         self.meta = meta
         # The chunk's bytes in the pool (the pool's cached view of the slot): no narrow() per get.
         self.view = view
+        self.mem = mem  # the same bytes as a memoryview (host pools), for socket I/O
         self.pins = 0
         self.dead = False
 
@@ -83,10 +86,17 @@ class SlotReservation:
     connection, a failed checksum) never leaves a visible chunk or a leaked slot.
     """
 
-    __slots__ = ("_state", "_tier", "data", "key", "meta", "nbytes", "offset")
+    __slots__ = ("_state", "_tier", "data", "key", "mem", "meta", "nbytes", "offset")
 
     def __init__(
-        self, tier: PooledTier, key: bytes, offset: int, nbytes: int, meta: ChunkMeta, data: torch.Tensor
+        self,
+        tier: PooledTier,
+        key: bytes,
+        offset: int,
+        nbytes: int,
+        meta: ChunkMeta,
+        data: torch.Tensor,
+        mem: memoryview | None = None,
     ) -> None:
         self._tier = tier
         self._state = _RESERVED
@@ -100,6 +110,8 @@ class SlotReservation:
         self.meta = meta
         #: the writable uint8 view of exactly ``nbytes`` bytes of the slot
         self.data = data
+        #: the same bytes as a flat writable memoryview (host pools; ``None`` on a device)
+        self.mem = mem
 
     @property
     def active(self) -> bool:
@@ -241,7 +253,10 @@ class PooledTier(Tier):
             # Listeners run outside the lock; the victims are gone whatever happens to this reservation.
             if evicted:
                 self._emit_removed([k for k, _ in evicted], [m for _, m in evicted])
-        return SlotReservation(self, key, slot, nbytes, meta, self._pool.view(slot, nbytes))
+        pool = self._pool
+        return SlotReservation(
+            self, key, slot, nbytes, meta, pool.view(slot, nbytes), pool.host_view(slot, nbytes)
+        )
 
     def _commit(self, res: SlotReservation, if_absent: bool) -> bool:
         """Publish a filled reservation (see :meth:`SlotReservation.commit`); whether it was stored."""
@@ -258,10 +273,11 @@ class PooledTier(Tier):
                     self._pool.free(res.offset)
                     return False
                 self._drop(key, old)
-            self._entries[key] = _Entry(res.offset, res.nbytes, res.meta, res.data)
+            self._entries[key] = _Entry(res.offset, res.nbytes, res.meta, res.data, res.mem)
             self._policy.insert(key, res.nbytes)
-            self._count("puts")
-            self._count("bytes_written", res.nbytes)
+            stats = self.stats
+            stats.puts += 1
+            stats.bytes_written += res.nbytes
         if self._listeners:  # skip building the event when nobody listens
             self._emit_stored([key], [res.meta])
         return True
@@ -306,13 +322,14 @@ class PooledTier(Tier):
             entry = self._entries.get(key)
             if entry is None:
                 if count:
-                    self._count("misses")
+                    self.stats.misses += 1
                 return None
             entry.pins += 1
             if count:
                 self._policy.touch(key)
-                self._count("hits")
-                self._count("bytes_read", entry.length)
+                stats = self.stats
+                stats.hits += 1
+                stats.bytes_read += entry.length
             return entry
 
     def get(self, key: bytes, out: BufferLike | None = None) -> torch.Tensor | None:
@@ -351,7 +368,7 @@ class PooledTier(Tier):
         entry = self._pin(key, count)
         if entry is None:
             return None
-        return ChunkHandle(key, entry.view, entry.meta, lambda: self._unpin(entry))
+        return ChunkHandle(key, entry.view, entry.meta, lambda: self._unpin(entry), entry.mem)
 
     def get_meta(self, key: bytes) -> ChunkMeta | None:
         """The chunk's metadata, or ``None`` if absent (not an access)."""

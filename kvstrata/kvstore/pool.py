@@ -141,6 +141,13 @@ class SlotPool:
         # views are dropped when it returns to the free-page list, so the cache holds at most one view per
         # slot of the pages in use (and one per whole page).
         self._views: dict[int, torch.Tensor] = {}
+        # The host buffer as one flat memoryview: a slot's memoryview is a slice of it (a fraction of a
+        # microsecond, where tensor.numpy() plus memoryview() costs microseconds per chunk on the wire path).
+        self._mem: memoryview | None = (
+            memoryview(self.buffer.numpy()).cast("B")  # type: ignore[arg-type]
+            if self.device.type == "cpu" and size
+            else None
+        )
 
     # -- sizes ---------------------------------------------------------------------------------------------
     def class_of(self, nbytes: int) -> int:
@@ -298,6 +305,11 @@ class SlotPool:
             view = self._views[offset] = self.buffer.narrow(0, offset, nbytes)
         return view
 
+    def host_view(self, offset: int, nbytes: int) -> memoryview | None:
+        """``nbytes`` from ``offset`` as a flat writable memoryview (no copy); ``None`` for a device pool."""
+        mem = self._mem
+        return None if mem is None else mem[offset : offset + nbytes]
+
     # -- page-locking and shutdown ------------------------------------------------------------------------
     def _pin_segment(self, first_page: int) -> None:
         start = first_page * self.slot_bytes
@@ -330,5 +342,6 @@ class SlotPool:
         for partial in self._partial:
             partial.clear()
         self._views.clear()
+        self._mem = None
         self._fresh = self.num_pages
         self.buffer = torch.empty(0, dtype=torch.uint8, device=self.device)

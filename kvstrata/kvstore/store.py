@@ -177,6 +177,11 @@ class StoreReservation:
         return self._res.data
 
     @property
+    def mem(self) -> memoryview | None:
+        """The same bytes as a flat writable memoryview (a host pool; ``None`` otherwise)."""
+        return self._res.mem
+
+    @property
     def offset(self) -> int:
         """The slot's byte offset in the top tier's pool buffer."""
         return self._res.offset
@@ -232,6 +237,12 @@ class Store:
         self._high = high_watermark
         self._low = low_watermark
         self._by_name = {t.name: t for t in self.tiers}
+        top = self.tiers[0] if self.tiers else None
+        # The top tier takes reservations when it is a host-memory pool (decided once: the check reads the
+        # buffer's device, microseconds per call on the put path).
+        self._reservable: PooledTier | None = (
+            top if isinstance(top, PooledTier) and top.buffer.device.type == "cpu" else None
+        )
         self._listeners = ListenerSet("store")
         self._unsubscribe = [t.subscribe(self._forward) for t in self.tiers]
         self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=demotion_queue)
@@ -384,10 +395,8 @@ class Store:
         """
         key = check_key(key)
         self._check_open()
-        if not self.tiers:
-            return None
-        tier = self.tiers[0]
-        if not isinstance(tier, PooledTier) or tier.buffer.device.type != "cpu":
+        tier = self._reservable
+        if tier is None:
             return None
         if not 0 <= nbytes <= tier.slot_bytes:
             return None

@@ -76,6 +76,10 @@ class ChunkMeta(msgspec.Struct, frozen=True, kw_only=True):
     codec: str = "none"
     #: tokens covered by the chunk (0 when not known)
     num_tokens: int = 0
+    #: the CRC-32C of the bytes when it was checked on the way in (a put over the wire), -1 when not known:
+    #: the server answers a get with it instead of reading the whole chunk again, and a client that finds
+    #: it does not match the bytes it received (corruption anywhere after the put) takes a miss
+    crc32c: int = -1
 
 
 EMPTY_META = ChunkMeta()
@@ -113,14 +117,21 @@ class TierStats:
 class ChunkHandle:
     """A pinned chunk. ``data`` stays valid and unchanged until :meth:`release`."""
 
-    __slots__ = ("_release", "_released", "data", "key", "meta")
+    __slots__ = ("_release", "_released", "data", "key", "mem", "meta")
 
     def __init__(
-        self, key: bytes, data: torch.Tensor, meta: ChunkMeta, release: Callable[[], None] | None = None
+        self,
+        key: bytes,
+        data: torch.Tensor,
+        meta: ChunkMeta,
+        release: Callable[[], None] | None = None,
+        mem: memoryview | None = None,
     ) -> None:
         self.key = key
         self.data = data
         self.meta = meta
+        #: ``data``'s bytes as a flat memoryview when the tier has one at hand (host memory), else ``None``
+        self.mem = mem
         self._release = release
         self._released = False
 
@@ -230,7 +241,7 @@ class Tier(ABC):
     def __init__(self) -> None:
         self._listeners = ListenerSet(f"tier {self.name}")
         self.stats = TierStats()
-        self._metrics = TIER_METRICS.for_tier(self.name)
+        TIER_METRICS.track(self, self.name, self.stats)
 
     # -- the contract ------------------------------------------------------------------------------
     @abstractmethod
@@ -307,9 +318,9 @@ class Tier(ABC):
             self._emit(TierEvent("removed", self.name, tuple(keys), blocks))
 
     def _count(self, what: str, amount: int = 1) -> None:
-        """Bump a counter in :attr:`stats` and in Prometheus (hits, misses, puts, evictions, errors, ...)."""
+        """Bump a counter in :attr:`stats` (hits, misses, puts, evictions, errors, ...); Prometheus reads them
+        at scrape time (see :mod:`kvstrata.kvstore.metrics`)."""
         setattr(self.stats, what, getattr(self.stats, what) + amount)
-        self._metrics.inc(what, amount)
 
     def snapshot(self) -> TierStats:
         """Current counters plus occupancy."""
