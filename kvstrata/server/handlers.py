@@ -46,13 +46,22 @@ def error_code(exc: BaseException) -> str:
     return "internal"
 
 
-def _chunk_meta(meta: p.WireMeta) -> ChunkMeta:
+def _chunk_meta(meta: p.WireMeta, crc: int | None = None) -> ChunkMeta:
+    """The stored metadata of a put; ``crc``: the payload's CRC-32C, once it has been checked (kept with the
+    chunk so that gets need not read the chunk again to checksum it)."""
     return ChunkMeta(
         block_keys=tuple(meta.block_keys),
         fingerprint=meta.fingerprint,
         codec=meta.codec,
         num_tokens=meta.num_tokens,
+        crc32c=-1 if crc is None else crc,
     )
+
+
+def _crc_of(handle: ChunkHandle, view: memoryview) -> int:
+    """The chunk's CRC-32C: the one checked when it was put, else computed now."""
+    crc = handle.meta.crc32c
+    return crc if crc >= 0 else p.checksum(view)
 
 
 def _wire_meta(meta: ChunkMeta) -> p.WireMeta:
@@ -93,13 +102,14 @@ def _reserve(store: Any, key: bytes, size: int, meta: ChunkMeta) -> Any | None:
         return None
 
 
-def _reserve_run(store: Any, items: Sequence[p.PutItem]) -> list[Any]:
+def _reserve_run(store: Any, items: Sequence[p.PutItem], verify: bool) -> list[Any]:
     """Reservations for the leading ``items``, stopping at the first that gets none (so that the chunks
     before it are committed before it is put: they may be what it has to evict)."""
     out: list[Any] = []
     try:
         for item in items:
-            res = _reserve(store, item.key, item.size, _chunk_meta(item.meta))
+            meta = _chunk_meta(item.meta, item.checksum if verify else None)
+            res = _reserve(store, item.key, item.size, meta)
             if res is None:
                 break
             out.append(res)
@@ -151,7 +161,7 @@ def _commit_all(reservations: Sequence[Any]) -> list[str]:
 
 async def _put(conn: ServerConnection, header: p.Header, meta: p.PutRequest) -> None:
     crc = header.checksum if header.has_checksum else None
-    chunk_meta = _chunk_meta(meta.meta)
+    chunk_meta = _chunk_meta(meta.meta, crc)
     res = await _reserved(conn, _reserve, conn.store, meta.key, header.payload_len, chunk_meta)
     if res is None:
         data = await _receive_chunk(conn, header.payload_len, crc)
@@ -164,7 +174,7 @@ async def _put(conn: ServerConnection, header: p.Header, meta: p.PutRequest) -> 
     try:
         # The payload lands in the reserved slot itself; nothing is visible until the commit, and a
         # short read, a closed connection or a failed checksum aborts it (the finally below).
-        view = byte_view(res.data)
+        view = res.mem if res.mem is not None else byte_view(res.data)
         if crc is None:
             await conn.read_payload_into(view)
         elif await conn.read_payload_checksum(view) != crc:
@@ -192,15 +202,16 @@ async def _put_many(conn: ServerConnection, header: p.Header, meta: p.PutManyReq
         while end < len(items) and (end == first or total + items[end].size <= budget):
             total += items[end].size
             end += 1
-        run: list[Any] = await _reserved(conn, _reserve_run, conn.store, items[first:end])
+        run: list[Any] = await _reserved(conn, _reserve_run, conn.store, items[first:end], verify)
         if not run:
             item = items[first]
-            data = await _receive_chunk(conn, item.size, item.checksum if verify else None)
-            results.append(await conn.server.run_store(_store_one, conn.store, item, data))
+            crc = item.checksum if verify else None
+            data = await _receive_chunk(conn, item.size, crc)
+            results.append(await conn.server.run_store(_store_one, conn.store, item, data, crc))
             continue
         try:
             for item, res in zip(items[first : first + len(run)], run, strict=True):
-                view = byte_view(res.data)
+                view = res.mem if res.mem is not None else byte_view(res.data)
                 if not verify:
                     await conn.read_payload_into(view)
                 elif await conn.read_payload_checksum(view) != item.checksum:
@@ -212,12 +223,12 @@ async def _put_many(conn: ServerConnection, header: p.Header, meta: p.PutManyReq
     await conn.reply(p.Op.PUT_MANY, header.request_id, p.PutManyReply(results=results))
 
 
-def _store_one(store: Any, item: p.PutItem, data: torch.Tensor | None) -> str:
+def _store_one(store: Any, item: p.PutItem, data: torch.Tensor | None, crc: int | None) -> str:
     """Store one chunk of a PUT_MANY; its result code ("" when stored)."""
     if data is None:
         return "corrupt"
     try:
-        store.put(item.key, data, _chunk_meta(item.meta))
+        store.put(item.key, data, _chunk_meta(item.meta, crc))
     except KVStrataError as exc:
         return error_code(exc)
     return ""
@@ -239,8 +250,8 @@ async def _get(conn: ServerConnection, header: p.Header, meta: p.KeyRequest) -> 
         await conn.reply(p.Op.GET, header.request_id, p.GetReply(found=False))
         return
     try:
-        view = byte_view(handle.data)
-        crc = p.checksum(view) if header.has_checksum else None
+        view = handle.mem if handle.mem is not None else byte_view(handle.data)
+        crc = _crc_of(handle, view) if header.has_checksum else None
         reply = p.GetReply(found=True, meta=_wire_meta(handle.meta))
         await conn.reply(p.Op.GET, header.request_id, reply, [view], checksum=crc)
     finally:
@@ -281,7 +292,7 @@ def _collect(
                 sizes.append(-1)
                 crcs.append(0)
                 continue
-            view = byte_view(handle.data)
+            view = handle.mem if handle.mem is not None else byte_view(handle.data)
             if views and total + len(view) > budget:
                 handle.release()
                 sizes.append(-2)
@@ -291,7 +302,7 @@ def _collect(
             handles.append(handle)
             views.append(view)
             sizes.append(len(view))
-            crcs.append(p.checksum(view) if want_crc else 0)
+            crcs.append(_crc_of(handle, view) if want_crc else 0)
             total += len(view)
     except BaseException:
         for handle in handles:

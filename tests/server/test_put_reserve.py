@@ -137,3 +137,30 @@ def test_falls_back_to_a_copy_when_no_slot_can_be_reserved() -> None:
             assert all(store.tiers[1].contains(k) for k in keys)
             got = client.get_many(keys)
             assert all(g is not None and torch.equal(g, d) for g, d in zip(got, data, strict=True))
+
+
+def test_checked_crc_is_kept_and_catches_corruption_after_the_put(server: InProcessServer) -> None:
+    """A put with a checksum keeps the checked CRC-32C with the chunk; gets answer with it, so bytes that
+    change in the server's memory after the put reach the client as a miss, never as a hit."""
+    keys = [chunk_key(i, b"crc-kept") for i in range(3)]
+    data = [torch.randint(0, 256, (SLOT // 2,), dtype=torch.uint8) for _ in keys]
+    with Client(f"kvs://127.0.0.1:{port_of(server)}", checksum=True) as client:
+        client.put_many(keys, data)
+        for key, chunk in zip(keys, data, strict=True):
+            meta = server.store.get_meta(key)
+            assert meta is not None
+            assert meta.crc32c == p.checksum(memoryview(chunk.numpy()))
+        handle = server.store.acquire(keys[1])
+        assert handle is not None
+        with handle:
+            handle.data[7] ^= 0xFF  # a bit flip in the pool after the put
+        got = client.get_many(keys)
+        assert got[1] is None
+        assert got[0] is not None and torch.equal(got[0], data[0])
+        assert got[2] is not None and torch.equal(got[2], data[2])
+        single = client.get(keys[1])
+        assert single is None
+    with Client(f"kvs://127.0.0.1:{port_of(server)}", checksum=False) as client:
+        client.put(keys[0], data[0])
+        meta = server.store.get_meta(keys[0])
+        assert meta is not None and meta.crc32c == -1  # not checked on the way in: not known
