@@ -79,14 +79,14 @@ def _key_and_meta(key: KeyLike, meta: ChunkMeta | None) -> tuple[bytes, ChunkMet
 
 def _host_bytes(data: BufferLike) -> torch.Tensor:
     flat = as_byte_tensor(data)
-    return flat if flat.device.type == "cpu" else flat.cpu()
+    return flat if flat.is_cpu else flat.cpu()
 
 
 def _out_bytes(out: BufferLike | None) -> torch.Tensor | None:
     if out is None:
         return None
     flat = as_byte_tensor(out)
-    if flat.device.type != "cpu":
+    if not flat.is_cpu:
         raise InvalidArgumentError("out must be in host memory for the tcp transport")
     return flat
 

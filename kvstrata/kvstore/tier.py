@@ -169,6 +169,8 @@ def as_byte_tensor(data: BufferLike) -> torch.Tensor:
     if isinstance(data, torch.Tensor):
         if not data.is_contiguous():
             raise InvalidArgumentError("chunk data must be a contiguous tensor")
+        if data.dtype is torch.uint8 and data.dim() == 1:
+            return data  # already flat bytes (reshape + view cost microseconds per chunk)
         return data.reshape(-1).view(torch.uint8)
     try:
         view = memoryview(data)

@@ -61,6 +61,8 @@ _STAGING = 64 * 1024
 _KEEP_BUFFER = 8 << 20
 _MAX_IOV = 512
 _HELLO_TIMEOUT_S = 5.0
+#: Largest SO_RCVLOWAT asked for while a payload is awaited.
+_LOWAT_CAP = 1 << 20
 
 
 class _Closed(Exception):
@@ -88,6 +90,7 @@ class ServerConnection:
         #: payload bytes of the current request not yet consumed
         self.payload_left = 0
         self.busy = False
+        self._lowat = 1
 
     # -- readiness -----------------------------------------------------------------------------------
     async def _wait(self, writable: bool, timeout: float | None) -> None:
@@ -123,11 +126,23 @@ class ServerConnection:
                 self.loop.remove_reader(fd)
 
     # -- reading -------------------------------------------------------------------------------------
-    async def _recv_some(self, view: memoryview) -> int:
+    def _set_lowat(self, want: int) -> None:
+        """Wake the reader only once ``want`` bytes are queued (capped; the kernel also wakes it when the
+        receive window fills): one wakeup per large piece rather than one per burst of segments."""
+        lowat = max(1, min(want, _LOWAT_CAP))
+        if lowat != self._lowat:
+            try:
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, lowat)
+            except OSError:
+                return  # not supported here: wakeups stay per burst
+            self._lowat = lowat
+
+    async def _recv_some(self, view: memoryview, want: int = 1) -> int:
         while True:
             try:
                 n = self.sock.recv_into(view)
             except (BlockingIOError, InterruptedError):
+                self._set_lowat(want)
                 await self._wait(False, None)
                 continue
             except OSError as exc:
@@ -145,7 +160,7 @@ class ServerConnection:
             view[:got] = self._staging[self._start : self._start + got]
             self._start += got
         while got < len(view):
-            got += await self._recv_some(view[got:])
+            got += await self._recv_some(view[got:], len(view) - got)
 
     async def _fill(self, nbytes: int) -> memoryview:
         """At least ``nbytes`` (<= staging size) staged; returns a view of exactly them and consumes them."""
@@ -156,7 +171,7 @@ class ServerConnection:
                 self._start, self._end = 0, rest
             view = memoryview(self._staging)
             while self._end - self._start < nbytes:
-                self._end += await self._recv_some(view[self._end :])
+                self._end += await self._recv_some(view[self._end :], nbytes - (self._end - self._start))
         out = memoryview(self._staging)[self._start : self._start + nbytes]
         self._start += nbytes
         return out
@@ -185,26 +200,66 @@ class ServerConnection:
         await self.recv_exact(view)
         _BYTES_IN.inc(len(view))
 
-    async def read_payload_checksum(self, view: memoryview) -> int:
-        """Like :meth:`read_payload_into`, returning the CRC-32C of what was read, computed piece by piece
-        as it arrives (each piece is still in cache: no second pass over the whole payload)."""
-        if len(view) > self.payload_left:
+    async def read_payload_many(self, views: Sequence[memoryview], checksum: bool = False) -> list[int]:
+        """Read the next payload bytes of the current request into ``views``, in turn; returns the CRC-32C
+        of each view when ``checksum`` (else ``[]``).
+
+        One ``recvmsg_into`` fills as many views as the socket has bytes for (scatter read), and the
+        receive low-water mark makes each wakeup bring a large piece, so a frame of many chunks costs a
+        few system calls and loop wakeups rather than several per chunk. Checksums are computed piece by
+        piece as bytes arrive (each piece still in cache: no second pass over the chunk).
+        """
+        total = sum(len(v) for v in views)
+        if total > self.payload_left:
             raise ProtocolError("payload shorter than its metadata says")
-        self.payload_left -= len(view)
-        crc = 0
-        got = 0
-        staged = self._end - self._start
+        self.payload_left -= total
+        crcs = [0] * len(views) if checksum else []
+        index, offset = 0, 0  # the view being filled and how far
+        while index < len(views) and not len(views[index]):
+            index += 1
+
+        def advance(n: int) -> None:
+            nonlocal index, offset
+            while n:
+                view = views[index]
+                step = min(n, len(view) - offset)
+                if checksum:
+                    crcs[index] = p.checksum(view[offset : offset + step], crcs[index])
+                offset += step
+                n -= step
+                if offset == len(view):
+                    index, offset = index + 1, 0
+                    while index < len(views) and not len(views[index]):
+                        index += 1
+
+        staged = min(self._end - self._start, total)
         if staged:
-            got = min(staged, len(view))
-            view[:got] = self._staging[self._start : self._start + got]
-            self._start += got
-            crc = p.checksum(view[:got])
-        while got < len(view):
-            n = await self._recv_some(view[got:])
-            crc = p.checksum(view[got : got + n], crc)
-            got += n
-        _BYTES_IN.inc(len(view))
-        return crc
+            buf = memoryview(self._staging)
+            got = 0
+            while got < staged:
+                view = views[index]
+                step = min(staged - got, len(view) - offset)
+                view[offset : offset + step] = buf[self._start + got : self._start + got + step]
+                got += step
+                advance(step)
+            self._start += staged
+        left = total - staged
+        while left:
+            parts = [views[index][offset:], *views[index + 1 : index + _MAX_IOV]]
+            try:
+                n = self.sock.recvmsg_into(parts)[0]
+            except (BlockingIOError, InterruptedError):
+                self._set_lowat(left)
+                await self._wait(False, None)
+                continue
+            except OSError as exc:
+                raise _Closed(str(exc)) from exc
+            if n == 0:
+                raise _Closed("peer closed the connection")
+            left -= n
+            advance(n)
+        _BYTES_IN.inc(total)
+        return crcs
 
     async def skip_payload(self) -> None:
         """Discard what is left of the current request's payload (keeps the stream in sync)."""

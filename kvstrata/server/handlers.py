@@ -175,9 +175,8 @@ async def _put(conn: ServerConnection, header: p.Header, meta: p.PutRequest) -> 
         # The payload lands in the reserved slot itself; nothing is visible until the commit, and a
         # short read, a closed connection or a failed checksum aborts it (the finally below).
         view = res.mem if res.mem is not None else byte_view(res.data)
-        if crc is None:
-            await conn.read_payload_into(view)
-        elif await conn.read_payload_checksum(view) != crc:
+        got = await conn.read_payload_many([view], crc is not None)
+        if crc is not None and got[0] != crc:
             res.abort()
             await conn.error(header.request_id, "corrupt", "payload checksum mismatch; chunk not stored")
             return
@@ -210,12 +209,12 @@ async def _put_many(conn: ServerConnection, header: p.Header, meta: p.PutManyReq
             results.append(await conn.server.run_store(_store_one, conn.store, item, data, crc))
             continue
         try:
-            for item, res in zip(items[first : first + len(run)], run, strict=True):
-                view = res.mem if res.mem is not None else byte_view(res.data)
-                if not verify:
-                    await conn.read_payload_into(view)
-                elif await conn.read_payload_checksum(view) != item.checksum:
-                    res.abort()
+            views = [res.mem if res.mem is not None else byte_view(res.data) for res in run]
+            crcs = await conn.read_payload_many(views, verify)
+            if verify:
+                for item, res, crc in zip(items[first : first + len(run)], run, crcs, strict=True):
+                    if crc != item.checksum:
+                        res.abort()
             results.extend(await conn.server.run_store(_commit_all, run))
         finally:
             for res in run:
