@@ -26,7 +26,7 @@ page. A page holding a pinned slot is never freed this way; when no such set exi
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -258,28 +258,75 @@ class PooledTier(Tier):
             self, key, slot, nbytes, meta, pool.view(slot, nbytes), pool.host_view(slot, nbytes)
         )
 
+    def reserve_many(self, specs: Sequence[tuple[bytes, int, ChunkMeta]]) -> list[SlotReservation]:
+        """Reservations for the leading ``specs`` (key, nbytes, meta) that fit without evicting anything,
+        taken under one lock; stops at the first that does not fit (the caller makes room for it with
+        :meth:`reserve`). Each is then used as one from :meth:`reserve`. Raises as :meth:`reserve` does for
+        a bad key or size (nothing held then)."""
+        checked = []
+        for key, nbytes, meta in specs:
+            key = check_key(key)
+            if not 0 <= nbytes <= self._pool.slot_bytes:
+                break
+            checked.append((key, nbytes, meta))
+        pool = self._pool
+        out: list[SlotReservation] = []
+        with self._lock:
+            self._check_open()
+            for key, nbytes, meta in checked:
+                slot = pool.alloc(nbytes)
+                if slot is None:
+                    break
+                out.append(SlotReservation(self, key, slot, nbytes, meta, pool.view(slot, nbytes), None))
+        for res in out:
+            res.mem = pool.host_view(res.offset, res.nbytes)
+        return out
+
     def _commit(self, res: SlotReservation, if_absent: bool) -> bool:
         """Publish a filled reservation (see :meth:`SlotReservation.commit`); whether it was stored."""
-        key = res.key
         with self._lock:
-            if res._state != _RESERVED:
-                raise InvalidArgumentError("the reservation was already committed or aborted")
-            res._state = _DONE
-            if self._closed:
-                raise StoreError(f"the {self.name} tier is closed")  # the pool is gone with its slots
-            old = self._entries.get(key)
-            if old is not None:
-                if if_absent:
-                    self._pool.free(res.offset)
-                    return False
-                self._drop(key, old)
-            self._entries[key] = _Entry(res.offset, res.nbytes, res.meta, res.data, res.mem)
-            self._policy.insert(key, res.nbytes)
-            stats = self.stats
-            stats.puts += 1
-            stats.bytes_written += res.nbytes
-        if self._listeners:  # skip building the event when nobody listens
-            self._emit_stored([key], [res.meta])
+            stored = self._publish(res, if_absent)
+        if stored and self._listeners:  # skip building the event when nobody listens
+            self._emit_stored([res.key], [res.meta])
+        return stored
+
+    def commit_many(self, reservations: Sequence[SlotReservation]) -> list[BaseException | None]:
+        """Commit several reservations under one lock, with one stored event for them all; per
+        reservation, ``None`` or the error its own :meth:`SlotReservation.commit` would have raised."""
+        results: list[BaseException | None] = []
+        stored: list[SlotReservation] = []
+        with self._lock:
+            for res in reservations:
+                try:
+                    self._publish(res, False)
+                except (InvalidArgumentError, StoreError) as exc:
+                    results.append(exc)
+                    continue
+                results.append(None)
+                stored.append(res)
+        if stored and self._listeners:
+            self._emit_stored([r.key for r in stored], [r.meta for r in stored])
+        return results
+
+    def _publish(self, res: SlotReservation, if_absent: bool) -> bool:
+        """Make ``res`` the chunk under its key (call with the lock held); whether it was stored."""
+        key = res.key
+        if res._state != _RESERVED:
+            raise InvalidArgumentError("the reservation was already committed or aborted")
+        res._state = _DONE
+        if self._closed:
+            raise StoreError(f"the {self.name} tier is closed")  # the pool is gone with its slots
+        old = self._entries.get(key)
+        if old is not None:
+            if if_absent:
+                self._pool.free(res.offset)
+                return False
+            self._drop(key, old)
+        self._entries[key] = _Entry(res.offset, res.nbytes, res.meta, res.data, res.mem)
+        self._policy.insert(key, res.nbytes)
+        stats = self.stats
+        stats.puts += 1
+        stats.bytes_written += res.nbytes
         return True
 
     def _abort(self, res: SlotReservation) -> None:

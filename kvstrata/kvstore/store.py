@@ -410,9 +410,48 @@ class Store:
             return None
         return StoreReservation(self, res)
 
+    def reserve_many(self, specs: Sequence[tuple[bytes, int, ChunkMeta]]) -> list[StoreReservation]:
+        """Reservations for the leading ``specs`` (key, nbytes, meta), as :meth:`reserve` makes them, stopping
+        at the first that gets none (so the caller can commit those before it: they may be what it has to
+        evict). Those that fit without evicting are taken together under one lock. Commit them with
+        :meth:`commit_many` (or one by one); a ``with`` on each, or ``abort()``, frees what is not committed.
+        """
+        self._check_open()
+        tier = self._reservable
+        if tier is None or not specs:
+            return []
+        out = [StoreReservation(self, res) for res in tier.reserve_many(specs)]
+        try:
+            for key, nbytes, meta in specs[len(out) :]:
+                res = self.reserve(key, nbytes, meta)
+                if res is None:
+                    break
+                out.append(res)
+        except BaseException:
+            for res in out:
+                res.abort()
+            raise
+        return out
+
+    def commit_many(self, reservations: Sequence[StoreReservation]) -> list[BaseException | None]:
+        """Commit reservations of :meth:`reserve` / :meth:`reserve_many` together (one lock, one stored
+        event); per reservation, ``None`` or the error its own ``commit()`` would have raised."""
+        tier = self._reservable
+        if tier is None:
+            return [InvalidArgumentError("this store takes no reservations")] * len(reservations)
+        results = tier.commit_many([r._res for r in reservations])
+        landed = [r.key for r, error in zip(reservations, results, strict=True) if error is None]
+        if landed:
+            self._published_many(0, landed)
+        return results
+
     def _published(self, landed: int, key: bytes) -> None:
         """After ``key`` landed in tier ``landed`` (a put or a committed reservation): drop stale copies,
         queue write-through, relieve the tier."""
+        self._published_many(landed, (key,))
+
+    def _published_many(self, landed: int, keys: Sequence[bytes]) -> None:
+        """:meth:`_published` for several keys that landed in the same tier."""
         lower = range(landed + 1, len(self.tiers))
         # No other tier may keep an older value: a higher one (passed over, e.g. pinned full) would shadow
         # the new value on reads, and demotion skips the copy when a lower one already holds the key.
@@ -420,10 +459,13 @@ class Store:
         # A remote tier is skipped: its contains() is a network round trip on every put, and it is shared
         # between instances, whose puts of a key (a digest of the tokens and the layout) are the same KV.
         for index, tier in enumerate(self.tiers):
-            if index != landed and tier.name != "remote" and tier.contains(key):
-                tier.remove(key)
+            if index != landed and tier.name != "remote":
+                for key in keys:
+                    if tier.contains(key):
+                        tier.remove(key)
         if self.write_through and lower:
-            self._submit(_Job("copy_down", key, landed), run_if_full=True)
+            for key in keys:
+                self._submit(_Job("copy_down", key, landed), run_if_full=True)
         self._maybe_relieve(landed)
 
     def _store_at(

@@ -105,11 +105,19 @@ def _reserve(store: Any, key: bytes, size: int, meta: ChunkMeta) -> Any | None:
 def _reserve_run(store: Any, items: Sequence[p.PutItem], verify: bool) -> list[Any]:
     """Reservations for the leading ``items``, stopping at the first that gets none (so that the chunks
     before it are committed before it is put: they may be what it has to evict)."""
+    specs = [
+        (item.key, item.size, _chunk_meta(item.meta, item.checksum if verify else None)) for item in items
+    ]
+    reserve_many = getattr(store, "reserve_many", None)
+    if reserve_many is not None:
+        try:
+            return list(reserve_many(specs))
+        except KVStrataError:
+            pass  # a bad key or size among them: one by one below, up to it
     out: list[Any] = []
     try:
-        for item in items:
-            meta = _chunk_meta(item.meta, item.checksum if verify else None)
-            res = _reserve(store, item.key, item.size, meta)
+        for key, size, meta in specs:
+            res = _reserve(store, key, size, meta)
             if res is None:
                 break
             out.append(res)
@@ -143,8 +151,16 @@ def _abort_result(fut: asyncio.Future[Any]) -> None:
             res.abort()
 
 
-def _commit_all(reservations: Sequence[Any]) -> list[str]:
-    """Commit each reservation still active; their result codes ("" when stored)."""
+def _commit_all(store: Any, reservations: Sequence[Any]) -> list[str]:
+    """Commit each reservation still active (together when the store can); their result codes ("" when
+    stored)."""
+    commit_many = getattr(store, "commit_many", None)
+    if commit_many is not None:
+        filled = [res.active for res in reservations]  # not active: aborted after a checksum failure
+        errors = iter(commit_many([res for res, ok in zip(reservations, filled, strict=True) if ok]))
+        return [
+            ("" if (err := next(errors)) is None else error_code(err)) if ok else "corrupt" for ok in filled
+        ]
     codes: list[str] = []
     for res in reservations:
         if not res.active:
@@ -215,7 +231,7 @@ async def _put_many(conn: ServerConnection, header: p.Header, meta: p.PutManyReq
                 for item, res, crc in zip(items[first : first + len(run)], run, crcs, strict=True):
                     if crc != item.checksum:
                         res.abort()
-            results.extend(await conn.server.run_store(_commit_all, run))
+            results.extend(await conn.server.run_store(_commit_all, conn.store, run))
         finally:
             for res in run:
                 res.abort()  # a no-op for the committed ones

@@ -250,3 +250,52 @@ def test_store_reserve_returns_none_when_the_top_cannot_take_it() -> None:
         store.close()
     with pytest.raises(StoreError):
         store.reserve(chunk_key(4), SLOT)
+
+
+def test_store_reserve_many_takes_what_fits_then_makes_room_and_commits_together() -> None:
+    store = two_tier()
+    events: list[TierEvent] = []
+    try:
+        store.put(chunk_key(0), pattern(chunk_key(0), SLOT))
+        store.subscribe(events.append)
+        specs = [(chunk_key(i), SLOT, meta_for(chunk_key(i))) for i in (1, 2, 3)]
+        run = store.reserve_many(specs)
+        # 1 fits in the free slot, 2 gets the slot of 0 (demoted), 3 finds both top slots reserved
+        assert [r.key for r in run] == [chunk_key(1), chunk_key(2)]
+        assert store.tiers[1].contains(chunk_key(0)), "the top's chunk was demoted to make room"
+        for res in run:
+            assert res.mem is not None and len(res.mem) == SLOT
+            res.mem[:] = memoryview(pattern(res.key, SLOT).numpy())
+            assert store.get(res.key) is None  # invisible until committed
+        events.clear()
+        run[1].abort()  # e.g. its checksum failed
+        assert store.commit_many([run[0]]) == [None]
+        stored = [e for e in events if e.kind == "stored"]
+        assert [e.keys for e in stored] == [(chunk_key(1),)]
+        got = store.get(chunk_key(1))
+        assert got is not None and torch.equal(got, pattern(chunk_key(1), SLOT))
+        assert store.get(chunk_key(2)) is None
+        assert store.get_meta(chunk_key(1)) == meta_for(chunk_key(1))
+        errors = store.commit_many([run[0]])  # committed already: the error its commit() would raise
+        assert isinstance(errors[0], InvalidArgumentError)
+        assert store.tiers[0].used_bytes == SLOT
+    finally:
+        store.close()
+    with pytest.raises(StoreError):
+        store.reserve_many(specs)
+
+
+def test_tier_commit_many_emits_one_event_and_replaces_older_values(tier: HostTier) -> None:
+    tier.put(chunk_key(1), pattern(chunk_key(1), SLOT, version=1))
+    events: list[TierEvent] = []
+    tier.subscribe(events.append)
+    run = tier.reserve_many([(chunk_key(i), SLOT // 2, meta_for(chunk_key(i))) for i in (1, 2, 3)])
+    assert len(run) == 3
+    for res in run:
+        fill(res, pattern(res.key, SLOT // 2, version=2))
+    assert tier.commit_many(run) == [None, None, None]
+    assert [(e.kind, e.keys) for e in events] == [("stored", tuple(chunk_key(i) for i in (1, 2, 3)))]
+    for i in (1, 2, 3):
+        got = tier.get(chunk_key(i))
+        assert got is not None and torch.equal(got, pattern(chunk_key(i), SLOT // 2, version=2))
+    assert len(tier) == 3
