@@ -25,8 +25,13 @@ Leases are per connection and bounded (``MAX_LEASES_PER_CONNECTION``); they expi
 An expired *get* lease unpins the chunk (its slot may be reused; the client's RELEASE learns that and
 reports a miss). An expired *put* lease's slot (reserved or staging) is quarantined until its connection
 closes, because the client may still be writing into it; then a reserved slot is aborted (never visible).
-Put reservations held by all connections together are bounded by the number of staging slots (the memory
-bound the staging slots alone had). All lease state lives on the server's event-loop thread.
+Put reservations held by all connections together are bounded (:func:`reservation_bound`: half the host
+pool's slots, at least the staging slot count), so that uncommitted puts never take the whole pool. All
+lease state lives on the server's event-loop thread.
+
+Clients pipeline each batch: all LEASE_GETs (or PUT_BEGINs) of a batch's groups go out at once, the client
+copies group k while the server works on group k+1, and a group's PUT_COMMIT goes out as soon as it is
+written; RELEASE goes out without waiting for its answer (see ``ttl_ms``).
 """
 
 from __future__ import annotations
@@ -67,6 +72,7 @@ __all__ = [
     "ReleaseRequest",
     "StagingPool",
     "register_lease_ops",
+    "reservation_bound",
     "slot_bytes_of",
 ]
 
@@ -76,10 +82,18 @@ log = logging.getLogger(__name__)
 ATTACH, GET, RELEASE, PUT_BEGIN, PUT_COMMIT = range(5)
 #: Leases one connection may hold at once (requests beyond it are deferred, never queued).
 MAX_LEASES_PER_CONNECTION = p.MAX_KEYS
-#: Keys per LEASE_GET of a pipelined get: the server pins one group while the client copies the previous.
-_GET_GROUP = 64
-#: Staged chunks per PUT_COMMIT: small enough that copying and storing overlap, large enough to amortise.
-_COMMIT_GROUP = 8
+#: Chunks per LEASE_GET / PUT_BEGIN / PUT_COMMIT of a pipelined batch: the server works on one group
+#: while the client copies another. A quarter of the batch, so that the client waits for the server's
+#: work on one small group only, within bounds that keep per-message costs small.
+_MIN_GROUP, _MAX_GROUP = 8, 256
+
+
+def _groups(batch: list[int]) -> list[list[int]]:
+    """``batch`` cut into pipeline groups."""
+    size = min(_MAX_GROUP, max(_MIN_GROUP, len(batch) // 4))
+    return [batch[i : i + size] for i in range(0, len(batch), size)]
+
+
 #: Default lease lifetime; a client copies a chunk in milliseconds, so this only catches stalled clients.
 DEFAULT_LEASE_TTL_S = 30.0
 
@@ -185,6 +199,13 @@ class StagingPool:
         return self.buffer.narrow(0, slot * self.slot_bytes, nbytes)
 
 
+def reservation_bound(pool_bytes: int, slot_bytes: int, staging_slots: int) -> int:
+    """Put reservations all connections together may hold: half the host pool's slots (a put batch is
+    written in place, not staged, while the other half stays for readable chunks), at least as many as
+    there are staging slots."""
+    return max(staging_slots, pool_bytes // max(slot_bytes, 1) // 2)
+
+
 def slot_bytes_of(config: Any) -> int:
     """The host tier's slot size (the largest chunk) from a full config or a StoreConfig."""
     from kvstrata.config import StoreConfig
@@ -235,12 +256,15 @@ class LeaseServer:
         staging_position: Callable[[int], int],
         *,
         lease_ttl_s: float = DEFAULT_LEASE_TTL_S,
+        max_reserved: int | None = None,
     ) -> None:
         self.base = base
         self.staging = staging
         self._locate = locate
         self._staging_position = staging_position
         self.lease_ttl_s = lease_ttl_s
+        #: bound on put reservations held by all connections together (default: the staging slot count)
+        self.max_reserved = staging.num_slots if max_reserved is None else max(0, max_reserved)
         self._leases: OrderedDict[int, _Lease] = OrderedDict()
         self._per_owner: dict[int, set[int]] = {}
         self._quarantine: dict[int, list[int]] = {}
@@ -414,7 +438,7 @@ class LeaseServer:
     def _reserve(self, store: Any, size: int) -> tuple[Any, int] | None:
         """A Store reservation for a ``size``-byte chunk in the shared region and its position, or
         ``None`` (no reserve call, no room, not in the shared region, or the bound on reservations)."""
-        if store is None or self.reserved_puts >= self.staging.num_slots:
+        if store is None or self.reserved_puts >= self.max_reserved:
             return None
         reserve = getattr(store, "reserve", None)
         if reserve is None:
@@ -602,7 +626,7 @@ class LeaseTransport(TcpTransport):
         deferred: list[int],
     ) -> None:
         op = self.base + GET
-        groups = [batch[i : i + _GET_GROUP] for i in range(0, len(batch), _GET_GROUP)]
+        groups = _groups(batch)
         sent_at = time.monotonic()
         # Pipelined: every group's LEASE_GET goes out first, so that the server pins group k+1 while
         # this side copies group k (replies come back in request order).
@@ -706,49 +730,48 @@ class LeaseTransport(TcpTransport):
     def _put_leased(
         self, items: Sequence[PutSpec], batch: list[int], results: list[KVStrataError | None]
     ) -> list[int]:
-        begin = self.base + PUT_BEGIN
-        rid = self._request(begin, PutBeginRequest(sizes=[items[i].data.numel() for i in batch]))
-        _, reply = self._reply(rid, begin)
-        if len(reply.leases) != len(batch) or len(reply.positions) != len(batch):
-            raise ProtocolError(f"{self.address}: PUT_BEGIN reply does not match the request")
+        begin, commit = self.base + PUT_BEGIN, self.base + PUT_COMMIT
+        flats = {i: _flat(items[i].data) for i in batch}
+        groups = _groups(batch)
+        # Pipelined: every group's PUT_BEGIN goes out first, so that the server reserves group k+1 while
+        # this side writes group k, and each group's PUT_COMMIT goes out as soon as it is written, so that
+        # the server commits it while this side writes the next (replies come back in request order).
+        begins = [
+            self._request(begin, PutBeginRequest(sizes=[flats[i].numel() for i in group])) for group in groups
+        ]
         left: list[int] = []
-        granted: list[int] = []
-        spans: list[tuple[int, torch.Tensor]] = []
-        commits: list[PutCommitItem] = []
-        for i, lease, position in zip(batch, reply.leases, reply.positions, strict=True):
-            if lease <= 0 or position < 0:
-                left.append(i)
-                continue
-            item = items[i]
-            data = _flat(item.data)
-            granted.append(i)
-            spans.append((position, data))
-            commits.append(PutCommitItem(lease=lease, key=item.key, size=data.numel(), meta=_wire_meta(item)))
-        if not commits:
-            return left
-        # Pipelined: commit each group without waiting, so that the server stores group k while this
-        # side copies group k+1 (replies come back in request order).
-        commit = self.base + PUT_COMMIT
-        sent: list[tuple[int, int, int]] = []
-        for start in range(0, len(commits), _COMMIT_GROUP):
-            end = min(start + _COMMIT_GROUP, len(commits))
-            self._write_many(spans[start:end])
-            sent.append((self._request(commit, PutCommitRequest(items=commits[start:end])), start, end))
-        for rid, start, end in sent:
-            _, done = self._reply(rid, commit)
-            if len(done.results) != end - start:
-                raise ProtocolError(f"{self.address}: PUT_COMMIT reply does not match the request")
-            for i, code in zip(granted[start:end], done.results, strict=True):
-                results[i] = (
-                    p.error_for(p.ErrorReply(code=code, message=f"put of item {i}")) if code else None
-                )
-        return left
-        self._write_many(spans)
-        commit = self.base + PUT_COMMIT
-        rid = self._request(commit, PutCommitRequest(items=commits))
-        _, done = self._reply(rid, commit)
-        if len(done.results) != len(commits):
-            raise ProtocolError(f"{self.address}: PUT_COMMIT reply does not match the request")
-        for i, code in zip(granted, done.results, strict=True):
-            results[i] = p.error_for(p.ErrorReply(code=code, message=f"put of item {i}")) if code else None
+        commits: list[tuple[int, list[int]]] = []
+        try:
+            for group, rid in zip(groups, begins, strict=True):
+                _, reply = self._reply(rid, begin)
+                if len(reply.leases) != len(group) or len(reply.positions) != len(group):
+                    raise ProtocolError(f"{self.address}: PUT_BEGIN reply does not match the request")
+                granted: list[int] = []
+                spans: list[tuple[int, torch.Tensor]] = []
+                written: list[PutCommitItem] = []
+                for i, lease, position in zip(group, reply.leases, reply.positions, strict=True):
+                    if lease <= 0 or position < 0:
+                        left.append(i)
+                        continue
+                    item, data = items[i], flats[i]
+                    granted.append(i)
+                    spans.append((position, data))
+                    written.append(
+                        PutCommitItem(lease=lease, key=item.key, size=data.numel(), meta=_wire_meta(item))
+                    )
+                if written:
+                    self._write_many(spans)
+                    commits.append((self._request(commit, PutCommitRequest(items=written)), granted))
+            for rid, granted in commits:
+                _, done = self._reply(rid, commit)
+                if len(done.results) != len(granted):
+                    raise ProtocolError(f"{self.address}: PUT_COMMIT reply does not match the request")
+                for i, code in zip(granted, done.results, strict=True):
+                    results[i] = (
+                        p.error_for(p.ErrorReply(code=code, message=f"put of item {i}")) if code else None
+                    )
+        except BaseException:
+            # replies may still be in flight: this connection is out of step; the server ends its leases
+            self.close()
+            raise
         return left

@@ -112,8 +112,10 @@ class NixlServerExtension(ServerExtension):
         self._register(self._staging)
         host = store.tier("host") if hasattr(store, "tier") else None
         buffer = getattr(host, "buffer", None)
+        pool_bytes = 0
         if isinstance(buffer, torch.Tensor) and buffer.device.type == "cpu" and buffer.numel():
             self._register(buffer)
+            pool_bytes = buffer.numel() * buffer.element_size()
         else:
             log.warning("nixl: no host tier to register; gets are staged (one extra copy)")
         staging = ls.StagingPool(self._staging, self.slot_bytes)
@@ -124,6 +126,7 @@ class NixlServerExtension(ServerExtension):
             self._address,
             lambda slot: base + slot * self.slot_bytes,
             lease_ttl_s=self.lease_ttl_s,
+            max_reserved=ls.reservation_bound(pool_bytes, self.slot_bytes, staging.num_slots),
         )
         self._handlers = dict(self.leases.handlers())
         log.info("nixl: agent %s registered %d bytes", self.agent.name, sum(n for _, n in self._regions))

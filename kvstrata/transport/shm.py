@@ -4,8 +4,9 @@ The server's host tier is carved from one POSIX shared-memory segment (``/dev/sh
 server's user, followed by a few staging slots). A local client connects over the usual kvs control
 connection (HELLO, auth), then asks for the segment's name with ``SHM_ATTACH`` — the name is never in the
 pre-auth greeting — and maps it. Gets and puts then follow :mod:`kvstrata.transport.lease`: the server pins
-the chunk and returns its offset, the client copies straight between its tensor and the mapping (one
-single-threaded memcpy for host tensors, ``copy_`` for device tensors) and releases the lease; a put is
+the chunk and returns its offset, the client copies straight between its tensor and the mapping (host
+tensors: memmoves shared by the calling thread and helper threads, see :class:`HostCopier`; device
+tensors: ``copy_``) and releases the lease; a put is
 written straight into a slot reserved in the host pool (``Store.reserve``) and committed in place, with no
 server-side copy; only when no pool slot can be reserved does it go through a staging slot (one copy).
 
@@ -20,17 +21,19 @@ segments whose owning process is gone.
 
 from __future__ import annotations
 
+import ctypes
+import itertools
 import logging
 import mmap
 import os
 import re
 import secrets
 import stat
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import msgspec
-import numpy as np
 import torch
 
 from kvstrata.errors import ConfigError, ConnectError, ProtocolError, RemoteError
@@ -39,7 +42,7 @@ from kvstrata.transport import protocol as p
 from kvstrata.transport.base import ServerExtension
 from kvstrata.transport.protocol import Header
 
-__all__ = ["SHM_BASE", "SharedSegment", "ShmAttachReply", "ShmServerExtension", "ShmTransport"]
+__all__ = ["SHM_BASE", "HostCopier", "SharedSegment", "ShmAttachReply", "ShmServerExtension", "ShmTransport"]
 
 log = logging.getLogger(__name__)
 
@@ -78,10 +81,6 @@ class SharedSegment:
         self.tensor = (
             torch.frombuffer(mapping, dtype=torch.uint8) if size else torch.empty(0, dtype=torch.uint8)
         )
-        #: the same bytes as a numpy array: host-to-host copies are one single-threaded memcpy each (torch's
-        #: copy_ splits a chunk over its OpenMP threads, and on a small machine whose other core is busy
-        #: with the server, waiting for that thread to be scheduled costs more than the copy)
-        self.array: np.ndarray[Any, np.dtype[np.uint8]] = self.tensor.numpy()
 
     @classmethod
     def create(cls, size: int) -> SharedSegment:
@@ -145,7 +144,6 @@ class SharedSegment:
                 pass
             self.owner = False
         self.tensor = torch.empty(0, dtype=torch.uint8)
-        self.array = self.tensor.numpy()
         mapping, self._mmap = self._mmap, None
         if mapping is not None:
             try:
@@ -182,6 +180,137 @@ def sweep_stale_segments() -> int:
     if removed:
         log.info("removed %d shared-memory segments left by dead servers", removed)
     return removed
+
+
+#: Pieces a host-to-host batch is cut into, so that the threads copying it share the work evenly.
+_PIECE_BYTES = 1 << 20
+#: Batches smaller than this are copied by the calling thread alone (waking a helper costs more).
+_PARALLEL_MIN_BYTES = 1 << 20
+#: Most helper threads a client process starts (memory bandwidth, not cores, bounds copies beyond).
+_MAX_HELPERS = 3
+# ctypes' foreign calls release the GIL, so helpers copy in parallel with the caller; one memmove per piece
+# (numpy's copyto and torch's copy_ cost microseconds more per call, and torch's copy_ splits each chunk
+# over all of its OpenMP threads with a static split: one descheduled thread stalls the whole copy).
+_memmove = ctypes.memmove
+
+Piece = tuple[int, int, int]
+
+
+class _Batch:
+    """One batch of pieces ``(destination address, source address, bytes)`` shared by the copying threads."""
+
+    __slots__ = ("error", "next", "pieces")
+
+    def __init__(self, pieces: list[Piece]) -> None:
+        self.pieces = pieces
+        #: the next piece to take: ``next()`` on an itertools.count is atomic under the GIL
+        self.next: Iterator[int] = itertools.count()
+        self.error: BaseException | None = None
+
+    def drain(self) -> None:
+        pieces, count = self.pieces, len(self.pieces)
+        for i in self.next:
+            if i >= count:
+                return
+            dst, src, nbytes = pieces[i]
+            _memmove(dst, src, nbytes)
+
+
+class HostCopier:
+    """Copies a batch of host memory spans with the calling thread plus up to ``helpers`` helper threads.
+
+    Work is shared dynamically (each thread takes the next piece), so a helper that the OS does not run
+    soon (a small machine whose other core is busy) only means the caller copies more itself; it never
+    waits for a helper that has not started. One batch uses the helpers at a time: another thread's batch
+    meanwhile is copied by that thread alone. Helpers are daemon threads started on first use (again in a
+    forked child) and sleep between batches.
+    """
+
+    _start_lock = threading.Lock()
+
+    def __init__(self, helpers: int) -> None:
+        self.helpers = max(0, helpers)
+        self._pid = -1
+        self._use = threading.Lock()
+        self._cv = threading.Condition()
+        self._batch: _Batch | None = None
+        self._serial = 0
+        self._busy = 0
+
+    def copy(self, pieces: list[Piece]) -> None:
+        """Copy every piece; returns once all are done (raises what a copy raised)."""
+        batch = _Batch(pieces)
+        total = 0
+        for piece in pieces:
+            total += piece[2]
+        if self.helpers == 0 or len(pieces) < 2 or total < _PARALLEL_MIN_BYTES:
+            batch.drain()
+            return
+        if self._pid != os.getpid():
+            with self._start_lock:
+                if self._pid != os.getpid():
+                    self._start()
+        if not self._use.acquire(blocking=False):
+            batch.drain()
+            return
+        try:
+            with self._cv:
+                self._batch = batch
+                self._serial += 1
+                self._cv.notify_all()
+            try:
+                batch.drain()
+            finally:
+                with self._cv:
+                    self._batch = None  # a helper that wakes only now finds nothing to join
+                    while self._busy:
+                        self._cv.wait()
+        finally:
+            self._use.release()
+        if batch.error is not None:
+            raise batch.error
+
+    def _start(self) -> None:
+        """Start the helpers (the first time, or in a forked child, where the parent's threads are gone)."""
+        self._use = threading.Lock()
+        self._cv = threading.Condition()
+        self._batch = None
+        self._busy = 0
+        self._pid = os.getpid()
+        for i in range(self.helpers):
+            name = f"kvstrata-shm-copy-{i}"
+            threading.Thread(target=self._helper, args=(self._serial,), name=name, daemon=True).start()
+
+    def _helper(self, seen: int) -> None:
+        cv = self._cv
+        while True:
+            with cv:
+                while self._batch is None or self._serial == seen:
+                    cv.wait()
+                seen = self._serial
+                batch = self._batch
+                self._busy += 1
+            try:
+                batch.drain()
+            except BaseException as exc:  # the caller must not report a piece nobody copied as done
+                batch.error = exc
+            finally:
+                with cv:
+                    self._busy -= 1
+                    if not self._busy:
+                        cv.notify_all()
+
+
+def _helpers() -> int:
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return min(_MAX_HELPERS, cores - 1)
+
+
+#: The process-wide copier of the shm clients.
+_COPIER = HostCopier(_helpers())
 
 
 class ShmServerExtension(ServerExtension):
@@ -242,6 +371,7 @@ class ShmServerExtension(ServerExtension):
             self._offset,
             lambda slot: self.pool_bytes + slot * self.slot_bytes,
             lease_ttl_s=self.lease_ttl_s,
+            max_reserved=ls.reservation_bound(self.pool_bytes, self.slot_bytes, staging.num_slots),
         )
         self._handlers = dict(self.leases.handlers())
 
@@ -318,31 +448,39 @@ class ShmTransport(ls.LeaseTransport):
             raise ConnectError(f"{self.address}: shared memory not mapped")
         return seg
 
-    def _check(self, seg: SharedSegment, position: int, nbytes: int) -> None:
-        if position < 0 or position + nbytes > seg.size:
-            raise ProtocolError(
-                f"{self.address}: span {position}+{nbytes} outside the {seg.size}-byte segment"
-            )
-
     def _read_many(self, spans: Sequence[tuple[int, torch.Tensor]]) -> None:
-        seg = self._mapping()
-        for position, dest in spans:
-            n = dest.numel()
-            self._check(seg, position, n)
-            if dest.is_cpu:
-                np.copyto(dest.numpy(), seg.array[position : position + n])
-            else:
-                dest.copy_(seg.tensor.narrow(0, position, n))  # straight from the mapping to the device
+        self._move(spans, to_segment=False)
 
     def _write_many(self, spans: Sequence[tuple[int, torch.Tensor]]) -> None:
+        self._move(spans, to_segment=True)
+
+    def _move(self, spans: Sequence[tuple[int, torch.Tensor]], *, to_segment: bool) -> None:
+        """Copy between each local tensor and its span of the segment: host tensors as one batch of
+        memmoves shared by the copier's threads, device tensors with ``copy_`` (straight to/from the
+        mapping)."""
         seg = self._mapping()
-        for position, src in spans:
-            n = src.numel()
-            self._check(seg, position, n)
-            if src.is_cpu:
-                np.copyto(seg.array[position : position + n], src.numpy())
-            else:
-                seg.tensor.narrow(0, position, n).copy_(src)
+        mapping = seg.tensor  # held until the copies are done: the mapping cannot be closed under them
+        base = mapping.data_ptr()
+        size = seg.size
+        pieces: list[Piece] = []
+        for position, local in spans:
+            n = local.numel()
+            if position < 0 or position + n > size:
+                raise ProtocolError(f"{self.address}: span {position}+{n} outside the {size}-byte segment")
+            if not (local.is_cpu and local.dtype == torch.uint8 and local.is_contiguous()):
+                there = mapping.narrow(0, position, n)
+                if to_segment:
+                    there.copy_(local)
+                else:
+                    local.copy_(there)
+                continue
+            ptr = local.data_ptr()
+            dst, src = (base + position, ptr) if to_segment else (ptr, base + position)
+            for offset in range(0, n, _PIECE_BYTES):
+                pieces.append((dst + offset, src + offset, min(_PIECE_BYTES, n - offset)))
+        if pieces:
+            _COPIER.copy(pieces)
+        del mapping
 
     def close(self) -> None:
         """Close the control connection and unmap the segment."""
