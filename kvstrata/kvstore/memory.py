@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator, Sequence
+from functools import partial
 
 import torch
 
@@ -416,6 +417,34 @@ class PooledTier(Tier):
         if entry is None:
             return None
         return ChunkHandle(key, entry.view, entry.meta, lambda: self._unpin(entry), entry.mem)
+
+    def acquire_many(self, keys: Sequence[bytes], max_bytes: int) -> list[ChunkHandle | None]:
+        """:meth:`acquire` of several keys under one lock (hits and misses counted as there), for a prefix
+        of ``keys``: it stops before a hit that would take the pinned bytes over ``max_bytes`` once there is
+        at least one (the keys after the returned ones were not looked at)."""
+        keys = [check_key(k) for k in keys]
+        out: list[ChunkHandle | None] = []
+        total = 0
+        with self._lock:
+            self._check_open()
+            entries = self._entries
+            stats = self.stats
+            policy = self._policy
+            for key in keys:
+                entry = entries.get(key)
+                if entry is None:
+                    stats.misses += 1
+                    out.append(None)
+                    continue
+                if total and total + entry.length > max_bytes:
+                    break
+                total += entry.length
+                entry.pins += 1
+                policy.touch(key)
+                stats.hits += 1
+                stats.bytes_read += entry.length
+                out.append(ChunkHandle(key, entry.view, entry.meta, partial(self._unpin, entry), entry.mem))
+        return out
 
     def get_meta(self, key: bytes) -> ChunkMeta | None:
         """The chunk's metadata, or ``None`` if absent (not an access)."""

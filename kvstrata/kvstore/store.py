@@ -42,6 +42,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import sys
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -563,7 +564,50 @@ class Store:
         """Pin the chunk in the highest tier holding it; ``None`` on a miss. Release the handle."""
         key = check_key(key)
         self._check_open()
-        for index, tier in enumerate(self.tiers):
+        return self._acquire_below(key, 0)
+
+    def acquire_many(self, keys: Sequence[bytes], max_bytes: int | None = None) -> list[ChunkHandle | None]:
+        """:meth:`acquire` of several keys (the top tier's hits pinned under one lock), for a prefix of
+        ``keys``: with ``max_bytes``, it stops before a hit that would take the pinned bytes over it once
+        there is at least one; the caller asks again for the keys after the returned ones. Release every
+        handle."""
+        self._check_open()
+        limit = sys.maxsize if max_bytes is None else max_bytes
+        top = self.tiers[0]
+        many = getattr(top, "acquire_many", None)
+        if many is None:
+            first = [check_key(k) for k in keys]
+            found: list[ChunkHandle | None] = [None] * len(first)
+        else:
+            found = many(keys, limit)
+            first = [check_key(k) for k in keys[: len(found)]]
+        out: list[ChunkHandle | None] = []
+        total = 0
+        try:
+            for index, (key, handle) in enumerate(zip(first, found, strict=True)):
+                if handle is None:
+                    handle = self._acquire_below(key, 1 if many is not None else 0)
+                if handle is not None:
+                    size = handle.data.numel()
+                    if total and total + size > limit:
+                        handle.release()  # over the budget: this one and the rest are asked for again
+                        for rest in found[index + 1 :]:
+                            if rest is not None:
+                                rest.release()
+                        break
+                    total += size
+                out.append(handle)
+        except BaseException:
+            for handle in [*out, *found[len(out) :]]:
+                if handle is not None:
+                    handle.release()
+            raise
+        return out
+
+    def _acquire_below(self, key: bytes, start: int) -> ChunkHandle | None:
+        """:meth:`acquire` from tier ``start`` down (a hit below the top queues its promotion)."""
+        for index in range(start, len(self.tiers)):
+            tier = self.tiers[index]
             try:
                 handle = tier.acquire(key)
             except TierIOError as exc:

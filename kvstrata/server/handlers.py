@@ -250,8 +250,12 @@ def _store_one(store: Any, item: p.PutItem, data: torch.Tensor | None, crc: int 
 
 
 def _acquire(conn: ServerConnection, key: bytes) -> ChunkHandle | None:
-    handle: ChunkHandle | None = conn.store.acquire(key)
-    if handle is not None and handle.data.device.type != "cpu":
+    return _on_host(conn.store.acquire(key))
+
+
+def _on_host(handle: ChunkHandle | None) -> ChunkHandle | None:
+    """``handle`` itself, or for a device-tier hit a host copy of its bytes (tcp sends from host memory)."""
+    if handle is not None and handle.mem is None and not handle.data.is_cpu:
         # A device-tier hit: tcp sends from host memory (one copy out of the GPU).
         host = handle.data.cpu()
         handle.release()
@@ -295,35 +299,48 @@ def _collect(
     sizes: list[int] = []
     crcs: list[int] = []
     views: list[memoryview] = []
-    total = 0
+    acquire_many = getattr(conn.store, "acquire_many", None)
+    if acquire_many is None:
+        found = _acquire_each(conn, keys, budget)
+    else:
+        found = [_on_host(h) for h in acquire_many(keys, budget)]
     try:
-        for key in keys:
-            if total >= budget and views:
-                sizes.append(-2)
-                crcs.append(0)
-                continue
-            handle = _acquire(conn, key)
+        for handle in found:
             if handle is None:
                 sizes.append(-1)
                 crcs.append(0)
                 continue
             view = handle.mem if handle.mem is not None else byte_view(handle.data)
-            if views and total + len(view) > budget:
-                handle.release()
-                sizes.append(-2)
-                crcs.append(0)
-                total = budget
-                continue
             handles.append(handle)
             views.append(view)
             sizes.append(len(view))
             crcs.append(_crc_of(handle, view) if want_crc else 0)
-            total += len(view)
     except BaseException:
-        for handle in handles:
-            handle.release()
+        for handle in found:
+            if handle is not None:
+                handle.release()
         raise
+    deferred = len(keys) - len(found)  # over the budget: the client asks for them again
+    sizes += [-2] * deferred
+    crcs += [0] * deferred
     return handles, sizes, crcs, views
+
+
+def _acquire_each(conn: ServerConnection, keys: Sequence[bytes], budget: int) -> list[ChunkHandle | None]:
+    """Handles for a prefix of ``keys`` within ``budget`` bytes, one acquire each (a store without
+    ``acquire_many``)."""
+    out: list[ChunkHandle | None] = []
+    total = 0
+    for key in keys:
+        handle = _acquire(conn, key)
+        if handle is not None:
+            size = handle.data.numel()
+            if total and total + size > budget:
+                handle.release()
+                break
+            total += size
+        out.append(handle)
+    return out
 
 
 async def _exists(conn: ServerConnection, header: p.Header, meta: p.KeysRequest) -> None:

@@ -159,6 +159,29 @@ class TcpTransport(Transport):
                 raise ConnectError(f"{self.address}: the server closed the connection")
             got += n
 
+    def _recv_many(self, views: list[memoryview]) -> None:
+        """Fill ``views`` in turn: one ``recvmsg_into`` (scatter read, ``MSG_WAITALL``) per ``_MAX_IOV``
+        views, again only when a timeout or a signal cut it short."""
+        sock = self._sock_or_fail()
+        index = 0
+        while index < len(views):
+            self._arm(sock)
+            batch = views[index : index + _MAX_IOV]
+            want = sum(len(v) for v in batch)
+            try:
+                n = sock.recvmsg_into(batch, 0, socket.MSG_WAITALL)[0]
+            except BlockingIOError as exc:  # SO_RCVTIMEO expired
+                raise RequestTimeoutError(f"{self.address}: request timed out") from exc
+            if n == 0 and want:
+                raise ConnectError(f"{self.address}: the server closed the connection")
+            if n == want:
+                index += len(batch)
+                continue
+            while n >= len(views[index]):  # a short read: skip what is full, resume inside the next
+                n -= len(views[index])
+                index += 1
+            views[index] = views[index][n:]
+
     def _discard(self, nbytes: int) -> None:
         scratch = memoryview(bytearray(min(nbytes, _DISCARD)))
         while nbytes:
@@ -388,6 +411,11 @@ class TcpTransport(Transport):
         if sum(s for s in sizes if s > 0) != header.payload_len:
             raise ProtocolError(f"{self.address}: GET_MANY payload length does not match its sizes")
         too_small: InvalidArgumentError | None = None
+        # Where each chunk goes (a chunk that does not fit its ``out`` is read into scratch and dropped),
+        # then the whole payload in one scatter read, then the checksums (each chunk still in cache).
+        views: list[memoryview] = []
+        landing: list[tuple[int, int, torch.Tensor, memoryview]] = []  # (pos, i, dest, view)
+        scratch: memoryview | None = None
         for pos, (i, size) in enumerate(zip(batch, sizes, strict=True)):
             if size == -2:
                 deferred.append(i)
@@ -406,13 +434,19 @@ class TcpTransport(Transport):
                 )
                 have = dest.numel()
                 if have < size:
-                    self._discard(size)
                     too_small = InvalidArgumentError(f"out holds {have} bytes, the chunk has {size}")
+                    if scratch is None:
+                        scratch = memoryview(bytearray(min(size, _DISCARD)))
+                    for start in range(0, size, len(scratch)):
+                        views.append(scratch[: min(len(scratch), size - start)])
                     continue
                 if have != size:
                     dest = dest[:size]
             view = byte_view(dest)
-            self._recv_into(view)
+            views.append(view)
+            landing.append((pos, i, dest, view))
+        self._recv_many(views)
+        for pos, i, dest, view in landing:
             if crcs and p.checksum(view) != crcs[pos]:
                 self.corrupt += 1
                 continue  # corrupt bytes are a miss, never a hit

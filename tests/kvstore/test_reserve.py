@@ -299,3 +299,34 @@ def test_tier_commit_many_emits_one_event_and_replaces_older_values(tier: HostTi
         got = tier.get(chunk_key(i))
         assert got is not None and torch.equal(got, pattern(chunk_key(i), SLOT // 2, version=2))
     assert len(tier) == 3
+
+
+def test_store_acquire_many_pins_a_prefix_within_the_budget() -> None:
+    store = two_tier()
+    try:
+        for i in range(4):  # 0 and 1 end up demoted below, 2 and 3 on top
+            store.put(chunk_key(i), pattern(chunk_key(i), SLOT))
+        assert store.tiers[1].contains(chunk_key(0)) and store.tiers[0].contains(chunk_key(3))
+        keys = [chunk_key(3), chunk_key(9), chunk_key(0), chunk_key(2)]
+        handles = store.acquire_many(keys)
+        try:
+            assert [h is None for h in handles] == [False, True, False, False]
+            for key, handle in zip(keys, handles, strict=True):
+                if handle is not None:
+                    assert torch.equal(handle.data, pattern(key, SLOT))
+        finally:
+            for handle in handles:
+                if handle is not None:
+                    handle.release()
+        # a budget of two chunks: the first two hits, then it stops (the rest are asked for again)
+        handles = store.acquire_many(keys, max_bytes=2 * SLOT)
+        assert [h is None for h in handles] == [False, True, False]
+        for handle in handles:
+            if handle is not None:
+                handle.release()
+        one = store.acquire_many(keys[:1], max_bytes=1)  # the first hit is always taken
+        assert len(one) == 1 and one[0] is not None
+        one[0].release()
+        assert all(e.pins == 0 for e in store.tiers[0]._entries.values())  # type: ignore[attr-defined]
+    finally:
+        store.close()
