@@ -53,6 +53,8 @@ _REQUESTS = Counter("kvstrata_server_requests", "Requests served, by opcode", ["
 _ERRORS = Counter("kvstrata_server_errors", "Error replies sent, by code", ["code"])
 _BYTES_IN = Counter("kvstrata_server_payload_bytes_received", "Payload bytes received")
 _BYTES_OUT = Counter("kvstrata_server_payload_bytes_sent", "Payload bytes sent")
+_REPLY = int(p.Flag.REPLY)
+_CHECKSUM = int(p.Flag.CHECKSUM)
 _CONNECTIONS = Gauge("kvstrata_server_connections", "Open client connections")
 
 T = TypeVar("T")
@@ -282,7 +284,7 @@ class ServerConnection:
     # -- writing -------------------------------------------------------------------------------------
     async def send(self, parts: Sequence[Any]) -> None:
         """Write every part with scatter/gather ``sendmsg``; waits (bounded) while the peer is not reading."""
-        views = [memoryview(x).cast("B") for x in parts if len(x)]
+        views = [v for v in map(_flat, parts) if len(v)]
         timeout = self.server.write_timeout
         while views:
             try:
@@ -313,10 +315,11 @@ class ServerConnection:
     ) -> None:
         """Send one reply frame (``checksum``: the payload's CRC-32C, sets the CHECKSUM flag)."""
         raw = p.encode_meta(meta)
-        size = sum(len(memoryview(x).cast("B")) for x in payload)
-        flags |= p.Flag.REPLY
+        payload = [_flat(x) for x in payload]
+        size = sum(len(v) for v in payload)
+        flags |= _REPLY
         if checksum is not None:
-            flags |= p.Flag.CHECKSUM
+            flags |= _CHECKSUM
         head = p.pack_header(opcode, request_id, len(raw), size, flags=flags, checksum=checksum or 0)
         await self.send([head + raw, *payload])
         _BYTES_OUT.inc(size)
@@ -560,7 +563,7 @@ class CacheServer:
                 return
             handler = self._handlers.get(header.opcode)
             self.counters["requests"] += 1
-            _REQUESTS.labels(op=_op_name(header.opcode)).inc()
+            _request_counter(header.opcode).inc()
             if handler is None:
                 # A well-framed request for an opcode this server does not offer (an extension that is
                 # not loaded): its lengths are valid, so skip it and stay in sync.
@@ -586,6 +589,24 @@ class CacheServer:
             if conn.payload_left:
                 # A handler that answered without consuming its payload: stay in sync.
                 await conn.skip_payload()
+
+
+def _flat(part: Any) -> memoryview:
+    """``part`` as a flat byte memoryview (one already flat, as the handlers' chunk views are, as is)."""
+    if type(part) is memoryview and part.ndim == 1 and part.itemsize == 1:
+        return part
+    return memoryview(part).cast("B")
+
+
+_REQUEST_COUNTERS: dict[int, Any] = {}
+
+
+def _request_counter(opcode: int) -> Any:
+    """The requests counter of ``opcode`` (looked up once: ``labels()`` costs microseconds a request)."""
+    counter = _REQUEST_COUNTERS.get(opcode)
+    if counter is None:
+        counter = _REQUEST_COUNTERS[opcode] = _REQUESTS.labels(op=_op_name(opcode))
+    return counter
 
 
 def _op_name(opcode: int) -> str:

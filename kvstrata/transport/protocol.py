@@ -118,6 +118,9 @@ class Flag(enum.IntFlag):
 
 
 _KNOWN_FLAGS = int(Flag.REPLY | Flag.CHECKSUM)
+# Plain ints for the per-frame paths (IntFlag arithmetic builds enum members: microseconds a frame).
+_REPLY = int(Flag.REPLY)
+_CHECKSUM = int(Flag.CHECKSUM)
 
 # ---- checksums -------------------------------------------------------------------------------------
 
@@ -164,12 +167,12 @@ class Header:
     @property
     def is_reply(self) -> bool:
         """Whether the frame answers a request."""
-        return bool(self.flags & Flag.REPLY)
+        return bool(self.flags & _REPLY)
 
     @property
     def has_checksum(self) -> bool:
         """Whether ``checksum`` is the payload's CRC-32C."""
-        return bool(self.flags & Flag.CHECKSUM)
+        return bool(self.flags & _CHECKSUM)
 
 
 def pack_header(
@@ -209,7 +212,7 @@ def parse_header(data: Any, max_payload: int, *, expect_version: int | None = PR
         raise ProtocolError(f"metadata of {meta_len} bytes exceeds the {MAX_META_BYTES}-byte limit")
     if payload_len > min(max_payload, ABSOLUTE_MAX_PAYLOAD):
         raise ProtocolError(f"payload of {payload_len} bytes exceeds the {max_payload}-byte limit")
-    if not flags & Flag.CHECKSUM and crc != 0:
+    if not flags & _CHECKSUM and crc != 0:
         raise ProtocolError("checksum field set without the CHECKSUM flag")
     return Header(version, opcode, flags, request_id, meta_len, payload_len, crc)
 
