@@ -20,11 +20,14 @@ Transport extensions (shm, nixl) add opcodes through :class:`kvstrata.transport.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import hmac
 import logging
 import os
 import socket
+import struct
+import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -63,6 +66,12 @@ _STAGING = 64 * 1024
 _KEEP_BUFFER = 8 << 20
 _MAX_IOV = 512
 _HELLO_TIMEOUT_S = 5.0
+#: Transfers of at least this many bytes run as blocking calls on a bulk I/O thread (see ``_offload``).
+_BULK_BYTES = 1 << 20
+#: Longest a blocking call on a bulk I/O thread waits for its peer before handing back to the event loop.
+_BULK_SLICE_S = 0.5
+#: Largest piece a bulk read takes at once (checksummed while it is still in cache).
+_PIECE = 1 << 20
 #: Largest SO_RCVLOWAT asked for while a payload is awaited.
 _LOWAT_CAP = 1 << 20
 
@@ -93,6 +102,8 @@ class ServerConnection:
         self.payload_left = 0
         self.busy = False
         self._lowat = 1
+        self._timeouts_set = False
+        self._bulk: concurrent.futures.Future[int] | None = None
 
     # -- readiness -----------------------------------------------------------------------------------
     async def _wait(self, writable: bool, timeout: float | None) -> None:
@@ -246,6 +257,28 @@ class ServerConnection:
                 advance(step)
             self._start += staged
         left = total - staged
+
+        def pump() -> int:
+            """Blocking reads on a worker thread (see :meth:`_offload`), a view at a time in pieces of at
+            most ``_PIECE`` bytes (each checksummed while in cache); the bytes read."""
+            got = 0
+            while got < left:
+                view = views[index]
+                piece = view[offset : offset + min(len(view) - offset, _PIECE)]
+                try:
+                    n = self.sock.recv_into(piece, len(piece), socket.MSG_WAITALL)
+                except (BlockingIOError, InterruptedError):
+                    break  # the time slice ran out: the event loop goes on
+                except OSError as exc:
+                    raise _Closed(str(exc)) from exc
+                if n == 0:
+                    raise _Closed("peer closed the connection")
+                got += n
+                advance(n)
+            return got
+
+        if left >= _BULK_BYTES:
+            left -= await self._offload(pump, 0)
         while left:
             parts = [views[index][offset:], *views[index + 1 : index + _MAX_IOV]]
             try:
@@ -286,6 +319,21 @@ class ServerConnection:
         """Write every part with scatter/gather ``sendmsg``; waits (bounded) while the peer is not reading."""
         views = [v for v in map(_flat, parts) if len(v)]
         timeout = self.server.write_timeout
+
+        def pump() -> int:
+            """Blocking writes on a worker thread (see :meth:`_offload`); 0."""
+            while views:
+                try:
+                    sent = self.sock.sendmsg(views[:_MAX_IOV])
+                except (BlockingIOError, InterruptedError):
+                    break  # the time slice ran out: the event loop goes on
+                except OSError as exc:
+                    raise _Closed(str(exc)) from exc
+                _consume(views, sent)
+            return 0
+
+        if sum(len(v) for v in views) >= _BULK_BYTES:
+            await self._offload(pump, 0)
         while views:
             try:
                 sent = self.sock.sendmsg(views[:_MAX_IOV])
@@ -294,14 +342,47 @@ class ServerConnection:
                 continue
             except OSError as exc:
                 raise _Closed(str(exc)) from exc
-            while sent:
-                head = views[0]
-                if sent >= len(head):
-                    sent -= len(head)
-                    views.pop(0)
-                else:
-                    views[0] = head[sent:]
-                    sent = 0
+            _consume(views, sent)
+
+    async def _offload(self, pump: Callable[[], int], default: int) -> int:
+        """Run ``pump`` (blocking socket I/O) on one of the server's bulk I/O threads; ``default`` at once
+        when none is free (the caller then does the I/O on the event loop).
+
+        Why: a kernel copy of megabytes is most of a large request's cost. Done by blocking calls on a
+        thread, it takes a few system calls and no loop wakeups, runs without the GIL, and several
+        connections' copies run on several cores at once. The socket is blocking only while the thread
+        holds it (nothing else touches it then: its connection's coroutine is waiting here), and each
+        blocking call gives up after ``_BULK_SLICE_S`` (SO_RCVTIMEO / SO_SNDTIMEO), so a peer that stalls
+        holds a thread no longer than that; the caller finishes such a transfer on the event loop.
+        """
+        server = self.server
+        if not server.bulk_slots.acquire(blocking=False):
+            return default
+        sock = self.sock
+        try:
+            if not self._timeouts_set:
+                timeval = struct.pack("@ll", int(_BULK_SLICE_S), int(_BULK_SLICE_S % 1 * 1e6))
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+                self._timeouts_set = True
+            future = server.bulk_executor().submit(_blocking, sock, pump)
+        except BaseException:
+            server.bulk_slots.release()
+            raise
+        future.add_done_callback(lambda _: server.bulk_slots.release())
+        self._bulk = future
+        return await asyncio.wrap_future(future)
+
+    def wait_bulk(self) -> None:
+        """Wake and wait for a bulk transfer still running on a thread (before the socket is closed: a
+        thread must never go on with a closed, maybe reused, descriptor)."""
+        future = self._bulk
+        if future is None or future.done():
+            return
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)  # its blocking call returns at once
+        with contextlib.suppress(Exception):
+            future.result(timeout=2 * _BULK_SLICE_S)
 
     async def reply(
         self,
@@ -348,6 +429,7 @@ class CacheServer:
         max_inflight_bytes: int = 64 * 1024**2,
         write_timeout: float = 30.0,
         extensions: Sequence[ServerExtension] = (),
+        bulk_threads: int = 8,
     ) -> None:
         self.store = store
         #: the global block index this server's tiers are published to (set by the daemon), or None
@@ -372,6 +454,10 @@ class CacheServer:
             getattr(t, "name", "") not in ("host", "device") for t in getattr(store, "tiers", ())
         )
         self._executor: ThreadPoolExecutor | None = None
+        #: bulk I/O threads (see ServerConnection._offload); with none free the event loop does the I/O
+        self.bulk_slots = threading.BoundedSemaphore(bulk_threads)
+        self._bulk_threads = bulk_threads
+        self._bulk_executor: ThreadPoolExecutor | None = None
         self._handlers: dict[int, Handler] = dict(HANDLERS)
         for ext in self.extensions:
             for opcode, handler in ext.handlers().items():
@@ -444,6 +530,16 @@ class CacheServer:
                 log.exception("closing transport extension %s failed", ext.name)
         if self._executor is not None:
             self._executor.shutdown(wait=True)
+        if self._bulk_executor is not None:
+            self._bulk_executor.shutdown(wait=True)
+
+    def bulk_executor(self) -> ThreadPoolExecutor:
+        """The bulk I/O threads, started on first use."""
+        if self._bulk_executor is None:
+            self._bulk_executor = ThreadPoolExecutor(
+                max_workers=self._bulk_threads, thread_name_prefix="kvstrata-io"
+            )
+        return self._bulk_executor
 
     async def _accept_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -492,6 +588,7 @@ class CacheServer:
                     ext.connection_closed(conn)
                 except Exception:
                     log.exception("transport extension %s: connection_closed failed", ext.name)
+            conn.wait_bulk()
             sock.close()
 
     async def _handshake(self, conn: ServerConnection) -> bool:
@@ -589,6 +686,27 @@ class CacheServer:
             if conn.payload_left:
                 # A handler that answered without consuming its payload: stay in sync.
                 await conn.skip_payload()
+
+
+def _blocking(sock: socket.socket, pump: Callable[[], int]) -> int:
+    """``pump()`` with ``sock`` blocking (on a bulk I/O thread)."""
+    sock.setblocking(True)
+    try:
+        return pump()
+    finally:
+        sock.setblocking(False)
+
+
+def _consume(views: list[memoryview], sent: int) -> None:
+    """Drop the first ``sent`` bytes of ``views`` (after a partial ``sendmsg``)."""
+    while sent:
+        head = views[0]
+        if sent >= len(head):
+            sent -= len(head)
+            views.pop(0)
+        else:
+            views[0] = head[sent:]
+            sent = 0
 
 
 def _flat(part: Any) -> memoryview:

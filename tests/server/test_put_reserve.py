@@ -164,3 +164,45 @@ def test_checked_crc_is_kept_and_catches_corruption_after_the_put(server: InProc
         client.put(keys[0], data[0])
         meta = server.store.get_meta(keys[0])
         assert meta is not None and meta.crc32c == -1  # not checked on the way in: not known
+
+
+@pytest.mark.parametrize("bulk_threads", [0, 2])
+@pytest.mark.parametrize("checksum", [True, False])
+def test_large_transfers_on_bulk_threads_or_the_event_loop(bulk_threads: int, checksum: bool) -> None:
+    """Frames of megabytes are moved by blocking calls on bulk I/O threads, or on the event loop when no
+    thread is free (0 here): the same bytes either way."""
+    slot = 1 << 20
+    with InProcessServer(capacity=24 * slot, slot=slot, bulk_threads=bulk_threads) as srv:
+        keys = [chunk_key(i, b"bulk") for i in range(10)]
+        data = [torch.randint(0, 256, (slot - 4096 * i,), dtype=torch.uint8) for i in range(10)]
+        with Client(srv.url, checksum=checksum) as client:
+            client.put_many(keys, data)
+            got = client.get_many(keys)
+        for g, d in zip(got, data, strict=True):
+            assert g is not None and torch.equal(g, d)
+
+
+def test_a_writer_that_stalls_mid_payload_is_finished_on_the_event_loop() -> None:
+    """A peer that stops sending in the middle of a large payload holds a bulk thread for one time slice
+    only; the rest of its payload is read on the event loop, and other clients are served meanwhile."""
+    slot = 4 << 20
+    with InProcessServer(capacity=8 * slot, slot=slot, bulk_threads=1) as srv:
+        key = chunk_key(1, b"stall")
+        payload = os.urandom(slot)
+        raw = Raw(port_of(srv))
+        frame = raw.encode(p.Op.PUT, 2, p.PutRequest(key=key), payload, crc=p.checksum(memoryview(payload)))
+        head = len(frame) - len(payload)
+        raw.sock.sendall(frame[: head + slot // 3])
+        # the semaphore's count: 0 while the bulk thread holds the stalled payload
+        assert wait_until(lambda: not srv.server.bulk_slots._value, timeout=5)  # type: ignore[union-attr]
+        with Client(srv.url) as other:  # served while the first writer stalls
+            other.put(chunk_key(2, b"stall"), torch.ones(slot, dtype=torch.uint8))
+            assert other.exists([chunk_key(2, b"stall")]) == [True]
+        assert wait_until(lambda: srv.server.bulk_slots._value == 1, timeout=5)  # type: ignore[union-attr]
+        raw.sock.sendall(frame[head + slot // 3 :])
+        reply = raw.frame()
+        assert reply.header.opcode == p.Op.PUT and reply.header.request_id == 2
+        raw.close()
+        with Client(srv.url) as client:
+            got = client.get(key)
+        assert got is not None and bytes(got.numpy()) == payload
