@@ -93,3 +93,37 @@ def test_reservations_are_bounded_then_staging_then_none() -> None:
         assert store.tiers[0].used_bytes == 0 and leases.staging.free_slots == 2
     finally:
         store.close()
+
+
+def test_reservations_up_to_the_given_bound_and_past_a_chunk_too_large() -> None:
+    pool_slots, staging_slots = 8, 2
+    pool = pool_slots * SLOT
+    seg = torch.zeros(pool + staging_slots * SLOT, dtype=torch.uint8)
+    store = Store([HostTier(pool, SLOT, buffer=seg[:pool])])
+    base = seg.data_ptr()
+
+    def locate(t: torch.Tensor) -> int | None:
+        off = t.data_ptr() - base
+        return off if off >= 0 and off + t.numel() <= pool else None
+
+    bound = ls.reservation_bound(pool, SLOT, staging_slots)
+    assert bound == 4 and ls.reservation_bound(2 * SLOT, SLOT, staging_slots) == staging_slots
+    staging = ls.StagingPool(seg[pool:], SLOT)
+    leases = ls.LeaseServer(0x40, staging, locate, lambda slot: pool + slot * SLOT, max_reserved=bound)
+    try:
+        # A chunk larger than a slot gets nothing; reserving goes on after it.
+        begin = leases.put_begin(1, [SLOT, 2 * SLOT, SLOT, SLOT, SLOT, SLOT, SLOT, SLOT], store)
+        where = ["pool" if 0 <= p < pool else "staging" if p >= pool else "none" for p in begin.positions]
+        assert where == ["pool", "none", "pool", "pool", "pool", "staging", "staging", "none"]
+        assert leases.reserved_puts == bound and store.tiers[0].used_bytes == bound * SLOT
+        keys = [os.urandom(16) for _ in begin.leases]
+        items = [
+            ls.PutCommitItem(lease=lease, key=key, size=SLOT)
+            for lease, key in zip(begin.leases, keys, strict=True)
+            if lease
+        ]
+        assert leases.put_commit(1, store, items).results == [""] * 6
+        assert leases.reserved_puts == 0 and leases.active == 0 and staging.free_slots == staging_slots
+        assert [store.contains(k) for k in keys] == [True, False, True, True, True, True, True, False]
+    finally:
+        store.close()
