@@ -463,11 +463,12 @@ class ShmTransport(ls.LeaseTransport):
         base = mapping.data_ptr()
         size = seg.size
         pieces: list[Piece] = []
+        uint8 = torch.uint8
         for position, local in spans:
             n = local.numel()
             if position < 0 or position + n > size:
                 raise ProtocolError(f"{self.address}: span {position}+{n} outside the {size}-byte segment")
-            if not (local.is_cpu and local.dtype == torch.uint8 and local.is_contiguous()):
+            if not (local.is_cpu and local.dtype is uint8 and local.is_contiguous()):
                 there = mapping.narrow(0, position, n)
                 if to_segment:
                     there.copy_(local)
@@ -476,6 +477,9 @@ class ShmTransport(ls.LeaseTransport):
                 continue
             ptr = local.data_ptr()
             dst, src = (base + position, ptr) if to_segment else (ptr, base + position)
+            if n <= _PIECE_BYTES:
+                pieces.append((dst, src, n))
+                continue
             for offset in range(0, n, _PIECE_BYTES):
                 pieces.append((dst + offset, src + offset, min(_PIECE_BYTES, n - offset)))
         if pieces:
