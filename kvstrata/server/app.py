@@ -103,7 +103,8 @@ class ServerConnection:
         self.busy = False
         self._lowat = 1
         self._timeouts_set = False
-        self._bulk: concurrent.futures.Future[int] | None = None
+        self._bulk: concurrent.futures.Future[int] | None = None  # the last transfer on a bulk thread
+        self._sending: concurrent.futures.Future[int] | None = None  # a background write not yet settled
 
     # -- readiness -----------------------------------------------------------------------------------
     async def _wait(self, writable: bool, timeout: float | None) -> None:
@@ -151,6 +152,7 @@ class ServerConnection:
             self._lowat = lowat
 
     async def _recv_some(self, view: memoryview, want: int = 1) -> int:
+        await self.settle()
         while True:
             try:
                 n = self.sock.recv_into(view)
@@ -277,6 +279,8 @@ class ServerConnection:
                 advance(n)
             return got
 
+        if left:
+            await self.settle()
         if left >= _BULK_BYTES:
             left -= await self._offload(pump, 0)
         while left:
@@ -315,9 +319,32 @@ class ServerConnection:
         return buf[:nbytes]
 
     # -- writing -------------------------------------------------------------------------------------
-    async def send(self, parts: Sequence[Any]) -> None:
-        """Write every part with scatter/gather ``sendmsg``; waits (bounded) while the peer is not reading."""
-        views = [v for v in map(_flat, parts) if len(v)]
+    async def send(self, parts: Sequence[Any], after: Callable[[], None] | None = None) -> None:
+        """Write every part with scatter/gather ``sendmsg``; waits (bounded) while the peer is not reading.
+
+        ``after`` (called exactly once, when the parts are no longer needed: sent, or the connection
+        failed) lets a large write go on in the background: it is queued on a bulk I/O thread and this
+        returns at once, so the next request is read and prepared while the reply is on the wire. Writes
+        stay in order: every later socket use on this connection waits for it first (:meth:`settle`).
+        """
+        try:
+            views = [v for v in map(_flat, parts) if len(v)]
+            await self.settle()
+            total = sum(len(v) for v in views)
+            if after is not None and total >= _BULK_BYTES and self.server.bulk_slots.acquire(blocking=False):
+                try:
+                    self._queue_send(views, after)
+                except BaseException:
+                    self.server.bulk_slots.release()
+                    raise
+                after = None  # the queued write calls it
+                return
+            await self._send_now(views)
+        finally:
+            if after is not None:
+                after()
+
+    async def _send_now(self, views: list[memoryview]) -> None:
         timeout = self.server.write_timeout
 
         def pump() -> int:
@@ -344,6 +371,63 @@ class ServerConnection:
                 raise _Closed(str(exc)) from exc
             _consume(views, sent)
 
+    def _queue_send(self, views: list[memoryview], after: Callable[[], None]) -> None:
+        """Start a background write of ``views`` on a bulk I/O thread (a bulk slot is held for it)."""
+        sock = self.sock
+        server = self.server
+        self._set_timeouts()
+        deadline_s = server.write_timeout
+
+        def job() -> int:
+            try:
+                sock.setblocking(True)
+                deadline = time.monotonic() + deadline_s
+                while views:
+                    try:
+                        sent = sock.sendmsg(views[:_MAX_IOV])
+                    except (BlockingIOError, InterruptedError):
+                        if time.monotonic() > deadline:
+                            raise RequestTimeoutError(
+                                "peer did not read its replies within the write timeout"
+                            ) from None
+                        continue
+                    except OSError as exc:
+                        raise _Closed(str(exc)) from exc
+                    _consume(views, sent)
+                return 0
+            finally:
+                with contextlib.suppress(OSError):
+                    sock.setblocking(False)
+                server.bulk_slots.release()
+                try:
+                    after()
+                except Exception:
+                    log.exception("releasing a reply's chunks failed")
+
+        self._sending = self._bulk = server.bulk_executor().submit(job)
+
+    async def settle(self) -> None:
+        """Wait for this connection's background write, if one is under way; raises what it failed with
+        (the connection is then closed)."""
+        future = self._sending
+        if future is None:
+            return
+        self._sending = None
+        await asyncio.wrap_future(future)
+
+    @property
+    def header_staged(self) -> bool:
+        """Whether the next frame's header has arrived already (no socket read needed for it)."""
+        return self._end - self._start >= p.HEADER_SIZE
+
+    def _set_timeouts(self) -> None:
+        """The time slice of blocking calls on bulk I/O threads (set once; ignored while non-blocking)."""
+        if not self._timeouts_set:
+            timeval = struct.pack("@ll", int(_BULK_SLICE_S), int(_BULK_SLICE_S % 1 * 1e6))
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+            self._timeouts_set = True
+
     async def _offload(self, pump: Callable[[], int], default: int) -> int:
         """Run ``pump`` (blocking socket I/O) on one of the server's bulk I/O threads; ``default`` at once
         when none is free (the caller then does the I/O on the event loop).
@@ -360,11 +444,7 @@ class ServerConnection:
             return default
         sock = self.sock
         try:
-            if not self._timeouts_set:
-                timeval = struct.pack("@ll", int(_BULK_SLICE_S), int(_BULK_SLICE_S % 1 * 1e6))
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
-                self._timeouts_set = True
+            self._set_timeouts()
             future = server.bulk_executor().submit(_blocking, sock, pump)
         except BaseException:
             server.bulk_slots.release()
@@ -393,16 +473,23 @@ class ServerConnection:
         *,
         checksum: int | None = None,
         flags: int = 0,
+        after: Callable[[], None] | None = None,
     ) -> None:
-        """Send one reply frame (``checksum``: the payload's CRC-32C, sets the CHECKSUM flag)."""
-        raw = p.encode_meta(meta)
-        payload = [_flat(x) for x in payload]
-        size = sum(len(v) for v in payload)
-        flags |= _REPLY
-        if checksum is not None:
-            flags |= _CHECKSUM
-        head = p.pack_header(opcode, request_id, len(raw), size, flags=flags, checksum=checksum or 0)
-        await self.send([head + raw, *payload])
+        """Send one reply frame (``checksum``: the payload's CRC-32C, sets the CHECKSUM flag). ``after``:
+        see :meth:`send` (called exactly once, also when this raises)."""
+        try:
+            raw = p.encode_meta(meta)
+            views = [_flat(x) for x in payload]
+            size = sum(len(v) for v in views)
+            flags |= _REPLY
+            if checksum is not None:
+                flags |= _CHECKSUM
+            head = p.pack_header(opcode, request_id, len(raw), size, flags=flags, checksum=checksum or 0)
+        except BaseException:
+            if after is not None:
+                after()
+            raise
+        await self.send([head + raw, *views], after)
         _BYTES_OUT.inc(size)
 
     async def error(self, request_id: int, code: str, message: str) -> None:
@@ -646,6 +733,8 @@ class CacheServer:
 
     async def _request_loop(self, conn: ServerConnection) -> None:
         while not self._closing:
+            if not conn.header_staged:
+                await conn.settle()  # the reply on the wire goes out before this connection counts as idle
             conn.busy = False
             try:
                 header = await conn.read_header()
