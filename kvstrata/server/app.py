@@ -542,6 +542,8 @@ class CacheServer:
         )
         self._executor: ThreadPoolExecutor | None = None
         #: bulk I/O threads (see ServerConnection._offload); with none free the event loop does the I/O
+        if bulk_threads < 0:
+            raise InvalidArgumentError(f"bulk_threads must be 0 or more, got {bulk_threads}")
         self.bulk_slots = threading.BoundedSemaphore(bulk_threads)
         self._bulk_threads = bulk_threads
         self._bulk_executor: ThreadPoolExecutor | None = None

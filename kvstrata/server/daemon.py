@@ -161,6 +161,7 @@ async def _main(config: KVStrataConfig, token: bytes | None) -> None:
         max_inflight_bytes=srv.max_inflight_bytes,
         write_timeout=srv.write_timeout_s,
         extensions=extensions,
+        bulk_threads=srv.bulk_threads,
     )
     admin: _AdminServer | None = None
     index: Any = None
