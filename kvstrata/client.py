@@ -258,6 +258,8 @@ class Client:
         raise ConnectError("every server is down")
 
     def _group(self, keys: Sequence[bytes]) -> dict[_Server, list[int]]:
+        if len(self._servers) == 1:
+            return {self._owner(b""): list(range(len(keys)))} if keys else {}
         groups: dict[_Server, list[int]] = {}
         for i, key in enumerate(keys):
             groups.setdefault(self._owner(key), []).append(i)

@@ -28,6 +28,7 @@ from kvstrata.errors import (
     TransportError,
     VersionMismatchError,
 )
+from kvstrata.kvstore.tier import EMPTY_META
 from kvstrata.transport import protocol as p
 from kvstrata.transport.base import PrefixResult, PutSpec, ServerAddress, Transport, TransportOptions
 
@@ -517,8 +518,13 @@ class TcpTransport(Transport):
         return float(self._call(timeout, run))
 
 
+_NO_META = p.WireMeta()
+
+
 def _wire_meta(item: PutSpec) -> p.WireMeta:
     meta = item.meta
+    if meta is EMPTY_META:
+        return _NO_META
     return p.WireMeta(
         block_keys=list(meta.block_keys),
         fingerprint=meta.fingerprint,
