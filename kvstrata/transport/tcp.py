@@ -412,10 +412,9 @@ class TcpTransport(Transport):
         if sum(s for s in sizes if s > 0) != header.payload_len:
             raise ProtocolError(f"{self.address}: GET_MANY payload length does not match its sizes")
         too_small: InvalidArgumentError | None = None
-        # Where each chunk goes (a chunk that does not fit its ``out`` is read into scratch and dropped),
-        # then the whole payload in one scatter read, then the checksums (each chunk still in cache).
+        # Where each chunk goes (a chunk that does not fit its ``out`` is read into scratch and dropped).
         views: list[memoryview] = []
-        landing: list[tuple[int, int, torch.Tensor, memoryview]] = []  # (pos, i, dest, view)
+        owners: list[tuple[int, int, torch.Tensor] | None] = []  # per view: (pos, i, dest) or scratch
         scratch: memoryview | None = None
         for pos, (i, size) in enumerate(zip(batch, sizes, strict=True)):
             if size == -2:
@@ -440,15 +439,25 @@ class TcpTransport(Transport):
                         scratch = memoryview(bytearray(min(size, _DISCARD)))
                     for start in range(0, size, len(scratch)):
                         views.append(scratch[: min(len(scratch), size - start)])
+                        owners.append(None)
                     continue
                 if have != size:
                     dest = dest[:size]
-            view = byte_view(dest)
-            views.append(view)
-            landing.append((pos, i, dest, view))
-        self._recv_many(views)
-        for pos, i, dest, view in landing:
-            if crcs and p.checksum(view) != crcs[pos]:
+            views.append(byte_view(dest))
+            owners.append((pos, i, dest))
+        if not crcs:
+            self._recv_many(views)  # the whole payload in one scatter read
+            for owner in owners:
+                if owner is not None:
+                    results[owner[1]] = owner[2]
+            return too_small
+        # With checksums: chunk by chunk, each checked right after it lands (still in cache).
+        for view, owner in zip(views, owners, strict=True):
+            self._recv_many([view])
+            if owner is None:
+                continue
+            pos, i, dest = owner
+            if p.checksum(view) != crcs[pos]:
                 self.corrupt += 1
                 continue  # corrupt bytes are a miss, never a hit
             results[i] = dest
