@@ -47,6 +47,7 @@ from kvstrata.errors import (
 from kvstrata.server.handlers import HANDLERS, error_code, stats_payload
 from kvstrata.transport import protocol as p
 from kvstrata.transport.base import ServerExtension
+from kvstrata.transport.tcp import flat_view as _flat
 
 __all__ = ["CacheServer", "ServerConnection", "error_code", "stats_payload"]
 
@@ -798,13 +799,6 @@ def _consume(views: list[memoryview], sent: int) -> None:
         else:
             views[0] = head[sent:]
             sent = 0
-
-
-def _flat(part: Any) -> memoryview:
-    """``part`` as a flat byte memoryview (one already flat, as the handlers' chunk views are, as is)."""
-    if type(part) is memoryview and part.ndim == 1 and part.itemsize == 1:
-        return part
-    return memoryview(part).cast("B")
 
 
 _REQUEST_COUNTERS: dict[int, Any] = {}

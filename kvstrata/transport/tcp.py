@@ -32,7 +32,7 @@ from kvstrata.kvstore.tier import EMPTY_META
 from kvstrata.transport import protocol as p
 from kvstrata.transport.base import PrefixResult, PutSpec, ServerAddress, Transport, TransportOptions
 
-__all__ = ["TcpTransport", "byte_view"]
+__all__ = ["TcpTransport", "byte_view", "flat_view"]
 
 #: Linux's IOV_MAX is 1024; stay well below it per sendmsg call.
 _MAX_IOV = 512
@@ -51,6 +51,13 @@ def byte_view(tensor: torch.Tensor) -> memoryview:
     if flat.numel() == 0:
         return memoryview(bytearray())
     return memoryview(flat.numpy())  # type: ignore[arg-type]  # 1-D uint8: already format "B"
+
+
+def flat_view(part: Any) -> memoryview:
+    """``part`` as a flat byte memoryview (one already flat, as chunk views are, as is)."""
+    if type(part) is memoryview and part.ndim == 1 and part.itemsize == 1:
+        return part
+    return memoryview(part).cast("B")
 
 
 class TcpTransport(Transport):
@@ -131,7 +138,7 @@ class TcpTransport(Transport):
 
     def _send(self, parts: list[Any]) -> None:
         sock = self._sock_or_fail()
-        views = [memoryview(x).cast("B") for x in parts if len(x)]
+        views = [v for v in map(flat_view, parts) if len(v)]
         while views:
             self._arm(sock)
             try:
@@ -206,9 +213,10 @@ class TcpTransport(Transport):
         rid = self._next_id
         self._next_id += 1
         raw = p.encode_meta(meta)
-        size = sum(len(memoryview(x).cast("B")) for x in payload)
+        views = [flat_view(x) for x in payload]
+        size = sum(len(v) for v in views)
         head = p.pack_header(opcode, rid, len(raw), size, flags=flags, checksum=crc)
-        self._send([head + raw, *payload])
+        self._send([head + raw, *views])
         return rid
 
     def _reply(self, rid: int, opcode: int) -> tuple[p.Header, Any]:
