@@ -384,39 +384,52 @@ class LeaseServer:
         room = MAX_LEASES_PER_CONNECTION - self.held_by(owner)
         acquire, locate, new_lease = store.acquire, self._locate, self._new_lease
         granted = deferred = 0
-        for i, key in enumerate(keys):
-            if granted >= room:
-                sizes[i] = -2
-                deferred += 1
-                continue
-            handle: ChunkHandle | None = acquire(key)
-            if handle is None:
-                continue
-            data = handle.data
-            if data.dtype != torch.uint8 or data.dim() != 1:
-                data = data.reshape(-1).view(torch.uint8)
-            size = data.numel()
-            position = locate(data) if data.is_cpu else None
-            if position is not None:
-                lease = _Lease(owner, deadline, size, handle=handle)
-            else:
-                slot = self.staging.alloc() if size <= self.staging.slot_bytes else None
-                if slot is None:
-                    handle.release()
+        # Every key pinned at once (one lock for the top tier's hits) when all may be granted.
+        many = getattr(store, "acquire_many", None)
+        pinned: list[ChunkHandle | None] | None = list(many(keys)) if many and room >= count else None
+        try:
+            for i, key in enumerate(keys):
+                if granted >= room:
                     sizes[i] = -2
                     deferred += 1
                     continue
-                try:
-                    self.staging.view(slot, size).copy_(data)
-                finally:
-                    handle.release()
-                lease = _Lease(owner, deadline, size, staging=slot)
-                position = self._staging_position(slot)
-                self.counters["staged_gets"] += 1
-            granted += 1
-            sizes[i] = size
-            positions[i] = position
-            leases[i] = new_lease(owner, lease)
+                handle: ChunkHandle | None
+                if pinned is not None:
+                    handle, pinned[i] = pinned[i], None
+                else:
+                    handle = acquire(key)
+                if handle is None:
+                    continue
+                data = handle.data
+                if data.dtype != torch.uint8 or data.dim() != 1:
+                    data = data.reshape(-1).view(torch.uint8)
+                size = data.numel()
+                position = locate(data) if data.is_cpu else None
+                if position is not None:
+                    lease = _Lease(owner, deadline, size, handle=handle)
+                else:
+                    slot = self.staging.alloc() if size <= self.staging.slot_bytes else None
+                    if slot is None:
+                        handle.release()
+                        sizes[i] = -2
+                        deferred += 1
+                        continue
+                    try:
+                        self.staging.view(slot, size).copy_(data)
+                    finally:
+                        handle.release()
+                    lease = _Lease(owner, deadline, size, staging=slot)
+                    position = self._staging_position(slot)
+                    self.counters["staged_gets"] += 1
+                granted += 1
+                sizes[i] = size
+                positions[i] = position
+                leases[i] = new_lease(owner, lease)
+        except BaseException:
+            for left in pinned or ():
+                if left is not None:
+                    left.release()
+            raise
         self.counters["leases"] += granted
         if deferred:
             self.counters["deferred"] += deferred
