@@ -204,6 +204,14 @@ class StoreReservation:
         """Free the slot; nothing becomes visible. A no-op once committed or aborted."""
         self._res.abort()
 
+    def rename(self, key: bytes, meta: ChunkMeta | None = None) -> None:
+        """Set the key (and meta) the chunk is committed under, for writers that learn them only after
+        writing and commit with :meth:`Store.commit_many`; raises :class:`InvalidArgumentError` for a bad
+        key (nothing changes then)."""
+        self._res.key = check_key(key)
+        if meta is not None:
+            self._res.meta = meta
+
     def __enter__(self) -> StoreReservation:
         return self
 

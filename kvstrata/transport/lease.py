@@ -518,33 +518,80 @@ class LeaseServer:
         self.reap()
         results: list[str] = []
         get = self._leases.get
-        for item in items:
-            lease_id = item.lease
-            lease = get(lease_id)
-            if lease is None or lease.owner != owner or not lease.put:
-                results.append("busy")  # expired or unknown: nothing stored, the client may retry
-                continue
-            code = ""
-            try:
+        # Chunks written in full into their reserved slots are committed together (one lock, one event).
+        batched: list[tuple[int, int, _Lease]] = []  # (index in results, lease id, lease)
+        many = getattr(store, "commit_many", None)
+        try:
+            for item in items:
+                lease_id = item.lease
+                lease = get(lease_id)
+                if lease is None or lease.owner != owner or not lease.put:
+                    results.append("busy")  # expired or unknown: nothing stored, the client may retry
+                    continue
                 reserved = lease.reserved
-                if item.size > lease.size:
-                    code = "invalid_argument"
-                elif reserved is not None and item.size == reserved.nbytes:
-                    reserved.commit(item.key, _chunk_meta(item.meta))  # in place: no copy
-                    lease.reserved = None  # committed: nothing left to abort
-                    self.reserved_puts -= 1
-                elif reserved is not None:  # written shorter than reserved: store the bytes written
-                    store.put(item.key, reserved.data[: item.size], _chunk_meta(item.meta))
-                else:
-                    assert lease.staging is not None
-                    store.put(item.key, self.staging.view(lease.staging, item.size), _chunk_meta(item.meta))
-            except KVStrataError as exc:
-                code = error_code(exc)
-            finally:
-                lease.put = False
-                self._end(lease_id, lease, expired=False)  # aborts a reservation not committed
-            results.append(code)
+                if (
+                    many is not None
+                    and reserved is not None
+                    and item.size == reserved.nbytes
+                    and hasattr(reserved, "rename")
+                ):
+                    try:
+                        reserved.rename(item.key, _chunk_meta(item.meta))
+                    except KVStrataError as exc:
+                        lease.put = False
+                        self._end(lease_id, lease, expired=False)
+                        results.append(error_code(exc))
+                        continue
+                    batched.append((len(results), lease_id, lease))
+                    results.append("")
+                    continue
+                results.append(self._commit_one(store, item, lease_id, lease))
+        finally:
+            if batched:
+                self._commit_batch(store, batched, results)
         return p.PutManyReply(results=results)
+
+    def _commit_batch(self, store: Any, batched: list[tuple[int, int, _Lease]], results: list[str]) -> None:
+        """Commit the reservations of ``batched`` together, then end their leases."""
+        from kvstrata.server.app import error_code
+
+        try:
+            errors = store.commit_many([lease.reserved for _, _, lease in batched])
+        except KVStrataError as exc:
+            errors = [exc] * len(batched)
+        for (index, lease_id, lease), error in zip(batched, errors, strict=True):
+            if error is None:
+                lease.reserved = None  # committed: nothing left to abort
+                self.reserved_puts -= 1
+            else:
+                results[index] = error_code(error)
+            lease.put = False
+            self._end(lease_id, lease, expired=False)  # aborts a reservation not committed
+
+    def _commit_one(self, store: Any, item: PutCommitItem, lease_id: int, lease: _Lease) -> str:
+        """Store one staged chunk (or one written shorter than reserved) and end its lease."""
+        from kvstrata.server.app import error_code
+
+        code = ""
+        try:
+            reserved = lease.reserved
+            if item.size > lease.size:
+                code = "invalid_argument"
+            elif reserved is not None and item.size == reserved.nbytes:
+                reserved.commit(item.key, _chunk_meta(item.meta))  # in place: no copy
+                lease.reserved = None  # committed: nothing left to abort
+                self.reserved_puts -= 1
+            elif reserved is not None:  # written shorter than reserved: store the bytes written
+                store.put(item.key, reserved.data[: item.size], _chunk_meta(item.meta))
+            else:
+                assert lease.staging is not None
+                store.put(item.key, self.staging.view(lease.staging, item.size), _chunk_meta(item.meta))
+        except KVStrataError as exc:
+            code = error_code(exc)
+        finally:
+            lease.put = False
+            self._end(lease_id, lease, expired=False)  # aborts a reservation not committed
+        return code
 
     # -- server handlers ---------------------------------------------------------------------------
     def handlers(self) -> Mapping[int, Callable[[Any, p.Header, Any], Any]]:

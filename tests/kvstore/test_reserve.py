@@ -330,3 +330,23 @@ def test_store_acquire_many_pins_a_prefix_within_the_budget() -> None:
         assert all(e.pins == 0 for e in store.tiers[0]._entries.values())  # type: ignore[attr-defined]
     finally:
         store.close()
+
+
+def test_reservations_renamed_after_writing_commit_together_under_their_new_keys() -> None:
+    store = two_tier()
+    try:
+        run = store.reserve_many([(chunk_key(90 + i), SLOT, ChunkMeta()) for i in range(2)])
+        assert len(run) == 2
+        for i, res in enumerate(run):
+            fill(res, pattern(chunk_key(i), SLOT))
+            res.rename(chunk_key(i), meta_for(chunk_key(i)))
+        with pytest.raises(InvalidArgumentError):
+            run[0].rename(b"short")
+        assert store.commit_many(run) == [None, None]
+        for i in range(2):
+            got = store.get(chunk_key(i))
+            assert got is not None and torch.equal(got, pattern(chunk_key(i), SLOT))
+            assert store.get_meta(chunk_key(i)) == meta_for(chunk_key(i))
+            assert store.get(chunk_key(90 + i)) is None
+    finally:
+        store.close()
