@@ -76,13 +76,47 @@ def _import_nixl() -> tuple[Any, Any]:
     return nixl_agent, nixl_agent_config
 
 
+#: Microseconds the agent's progress thread sleeps between polls. NIXL's Python wrapper fixes it at 0, a
+#: thread spinning a whole core for as long as the agent lives (an idle server included).
+PROGRESS_DELAY_US = 100
+_agent_lock = threading.Lock()
+
+
 def _new_agent(role: str) -> Any:
     nixl_agent, nixl_agent_config = _import_nixl()
     name = f"kvstrata-{role}-{os.getpid()}-{secrets.token_hex(6)}"
     try:
-        return nixl_agent(name, nixl_agent_config(backends=["UCX"]))
-    except Exception as exc:
-        raise ConfigError(f"cannot create a NIXL agent with the UCX backend: {exc}") from exc
+        import nixl._api as api
+
+        bindings = api.nixlBind
+        base = bindings.nixlAgentConfig
+    except Exception:  # a layout this does not know: NIXL's own defaults
+        bindings = base = None
+    with _agent_lock:
+        if bindings is not None:
+            bindings.nixlAgentConfig = _paced_config(base)
+        try:
+            return nixl_agent(name, nixl_agent_config(backends=["UCX"]))
+        except Exception as exc:
+            raise ConfigError(f"cannot create a NIXL agent with the UCX backend: {exc}") from exc
+        finally:
+            if bindings is not None:
+                bindings.nixlAgentConfig = base
+
+
+def _paced_config(base: Any) -> Any:
+    """A subclass of NIXL's agent config whose progress-thread delay is at least ``PROGRESS_DELAY_US``."""
+
+    class PacedConfig(base):  # type: ignore[misc, valid-type]
+        @property
+        def pthrDelay(self) -> int:  # NIXL's attribute name
+            return int(base.pthrDelay.__get__(self))
+
+        @pthrDelay.setter
+        def pthrDelay(self, value: int) -> None:
+            base.pthrDelay.__set__(self, max(int(value), PROGRESS_DELAY_US))
+
+    return PacedConfig
 
 
 class NixlServerExtension(ServerExtension):
