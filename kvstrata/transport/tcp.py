@@ -40,6 +40,8 @@ _DISCARD = 1 << 20
 #: Bytes per frame when a batch is split for pipelining: big enough that the per-frame work of both ends
 #: (parse, pin or reserve, commit, reply) is a small part of moving it; measured at 4 and 16 MiB.
 PIPELINE_BYTES = 16 << 20
+#: Bytes per PUT_MANY frame when payloads are checksummed (see put_many).
+PUT_CHECKSUM_FRAME_BYTES = 4 << 20
 
 
 def byte_view(tensor: torch.Tensor) -> memoryview:
@@ -308,12 +310,14 @@ class TcpTransport(Transport):
 
     # -- operations --------------------------------------------------------------------------------
     def put_many(self, items: Sequence[PutSpec], timeout: float) -> list[KVStrataError | None]:
-        """PUT_MANY, pipelined: frames of about ``PIPELINE_BYTES`` go out back to back (the server
-        stores one while the next is on the wire and the client checksums the one after), then the
-        small replies are read in order."""
+        """PUT_MANY, pipelined: frames of about ``PIPELINE_BYTES`` (``PUT_CHECKSUM_FRAME_BYTES`` with
+        checksums) go out back to back (the server stores one while the next is on the wire and the
+        client checksums the one after), then the small replies are read in order."""
         results: list[KVStrataError | None] = [None] * len(items)
         limit = self.max_payload
-        target = min(limit, PIPELINE_BYTES)
+        # With checksums a frame's CRCs are computed before it is sent (they lead its metadata): smaller
+        # frames let that pass over one frame overlap with the server receiving the frame before.
+        target = min(limit, PUT_CHECKSUM_FRAME_BYTES if self.options.checksum else PIPELINE_BYTES)
         batches: list[list[int]] = []
         batch: list[int] = []
         size = 0
