@@ -47,6 +47,7 @@ from kvstrata.errors import (
 from kvstrata.server.handlers import HANDLERS, error_code, stats_payload
 from kvstrata.transport import protocol as p
 from kvstrata.transport.base import ServerExtension
+from kvstrata.transport.tcp import consume as _consume
 from kvstrata.transport.tcp import flat_view as _flat
 
 __all__ = ["CacheServer", "ServerConnection", "error_code", "stats_payload"]
@@ -152,11 +153,12 @@ class ServerConnection:
                 return  # not supported here: wakeups stay per burst
             self._lowat = lowat
 
-    async def _recv_some(self, view: memoryview, want: int = 1) -> int:
+    async def _recv_some(self, views: list[memoryview], want: int = 1) -> int:
+        """Bytes read into ``views`` in turn (a scatter read), waiting until ``want`` are queued."""
         await self.settle()
         while True:
             try:
-                n = self.sock.recv_into(view)
+                n = self.sock.recvmsg_into(views)[0]
             except (BlockingIOError, InterruptedError):
                 self._set_lowat(want)
                 await self._wait(False, None)
@@ -176,7 +178,7 @@ class ServerConnection:
             view[:got] = self._staging[self._start : self._start + got]
             self._start += got
         while got < len(view):
-            got += await self._recv_some(view[got:], len(view) - got)
+            got += await self._recv_some([view[got:]], len(view) - got)
 
     async def _fill(self, nbytes: int) -> memoryview:
         """At least ``nbytes`` (<= staging size) staged; returns a view of exactly them and consumes them."""
@@ -187,7 +189,7 @@ class ServerConnection:
                 self._start, self._end = 0, rest
             view = memoryview(self._staging)
             while self._end - self._start < nbytes:
-                self._end += await self._recv_some(view[self._end :], nbytes - (self._end - self._start))
+                self._end += await self._recv_some([view[self._end :]], nbytes - (self._end - self._start))
         out = memoryview(self._staging)[self._start : self._start + nbytes]
         self._start += nbytes
         return out
@@ -285,17 +287,7 @@ class ServerConnection:
         if left >= _BULK_BYTES:
             left -= await self._offload(pump, 0)
         while left:
-            parts = [views[index][offset:], *views[index + 1 : index + _MAX_IOV]]
-            try:
-                n = self.sock.recvmsg_into(parts)[0]
-            except (BlockingIOError, InterruptedError):
-                self._set_lowat(left)
-                await self._wait(False, None)
-                continue
-            except OSError as exc:
-                raise _Closed(str(exc)) from exc
-            if n == 0:
-                raise _Closed("peer closed the connection")
+            n = await self._recv_some([views[index][offset:], *views[index + 1 : index + _MAX_IOV]], left)
             left -= n
             advance(n)
         _BYTES_IN.inc(total)
@@ -787,18 +779,6 @@ def _blocking(sock: socket.socket, pump: Callable[[], int]) -> int:
         return pump()
     finally:
         sock.setblocking(False)
-
-
-def _consume(views: list[memoryview], sent: int) -> None:
-    """Drop the first ``sent`` bytes of ``views`` (after a partial ``sendmsg``)."""
-    while sent:
-        head = views[0]
-        if sent >= len(head):
-            sent -= len(head)
-            views.pop(0)
-        else:
-            views[0] = head[sent:]
-            sent = 0
 
 
 _REQUEST_COUNTERS: dict[int, Any] = {}

@@ -103,29 +103,19 @@ def _reserve(store: Any, key: bytes, size: int, meta: ChunkMeta) -> Any | None:
 
 
 def _reserve_run(store: Any, items: Sequence[p.PutItem], verify: bool) -> list[Any]:
-    """Reservations for the leading ``items``, stopping at the first that gets none (so that the chunks
-    before it are committed before it is put: they may be what it has to evict)."""
+    """Reservations for the leading ``items`` (``Store.reserve_many``: it stops at the first that gets
+    none, so that the chunks before it are committed before it is put: they may be what it has to evict).
+    ``[]`` when the store takes no reservations: the caller then receives and puts chunk by chunk."""
+    reserve_many = getattr(store, "reserve_many", None)
+    if reserve_many is None:
+        return []
     specs = [
         (item.key, item.size, _chunk_meta(item.meta, item.checksum if verify else None)) for item in items
     ]
-    reserve_many = getattr(store, "reserve_many", None)
-    if reserve_many is not None:
-        try:
-            return list(reserve_many(specs))
-        except KVStrataError:
-            pass  # a bad key or size among them: one by one below, up to it
-    out: list[Any] = []
     try:
-        for key, size, meta in specs:
-            res = _reserve(store, key, size, meta)
-            if res is None:
-                break
-            out.append(res)
-    except BaseException:
-        for res in out:
-            res.abort()
-        raise
-    return out
+        return list(reserve_many(specs))
+    except KVStrataError:
+        return []  # e.g. the store closed: the put path reports it
 
 
 async def _reserved(conn: ServerConnection, fn: Any, *args: Any) -> Any:

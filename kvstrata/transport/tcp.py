@@ -32,7 +32,7 @@ from kvstrata.kvstore.tier import EMPTY_META
 from kvstrata.transport import protocol as p
 from kvstrata.transport.base import PrefixResult, PutSpec, ServerAddress, Transport, TransportOptions
 
-__all__ = ["TcpTransport", "byte_view", "flat_view"]
+__all__ = ["TcpTransport", "byte_view", "consume", "flat_view"]
 
 #: Linux's IOV_MAX is 1024; stay well below it per sendmsg call.
 _MAX_IOV = 512
@@ -53,6 +53,18 @@ def byte_view(tensor: torch.Tensor) -> memoryview:
     if flat.numel() == 0:
         return memoryview(bytearray())
     return memoryview(flat.numpy())  # type: ignore[arg-type]  # 1-D uint8: already format "B"
+
+
+def consume(views: list[memoryview], sent: int) -> None:
+    """Drop the first ``sent`` bytes of ``views`` (after a partial ``sendmsg``)."""
+    while sent:
+        head = views[0]
+        if sent >= len(head):
+            sent -= len(head)
+            views.pop(0)
+        else:
+            views[0] = head[sent:]
+            sent = 0
 
 
 def flat_view(part: Any) -> memoryview:
@@ -147,14 +159,7 @@ class TcpTransport(Transport):
                 sent = sock.sendmsg(views[:_MAX_IOV])
             except BlockingIOError as exc:  # SO_SNDTIMEO expired
                 raise RequestTimeoutError(f"{self.address}: request timed out") from exc
-            while sent:
-                head = views[0]
-                if sent >= len(head):
-                    sent -= len(head)
-                    views.pop(0)
-                else:
-                    views[0] = head[sent:]
-                    sent = 0
+            consume(views, sent)
 
     def _recv_into(self, view: memoryview) -> None:
         sock = self._sock_or_fail()
