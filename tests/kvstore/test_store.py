@@ -237,9 +237,12 @@ def test_pinning_under_concurrent_eviction(stores: list[Store]) -> None:
     for handle in handles:
         assert handle is not None
         handle.release()
-    for i in range(12):  # once released they can go
-        store.put(chunk_key(i, b"after"), pattern(chunk_key(i, b"after"), SLOT))
+    # Once released they can go. Background demotions queued by the churn may still be moving chunks
+    # (a pinned one included) and would land after the puts below: let each settle first.
     assert store.flush(timeout=10)
+    for i in range(12):
+        store.put(chunk_key(i, b"after"), pattern(chunk_key(i, b"after"), SLOT))
+        assert store.flush(timeout=10)
     assert not any(store.contains(k) for k in pinned_keys)
     assert_within_capacity(store)
 
