@@ -285,7 +285,11 @@ class ServerConnection:
         if left:
             await self.settle()
         if left >= _BULK_BYTES:
-            left -= await self._offload(pump, 0)
+            moved = await self._offload(pump)
+            if moved is not None:
+                left -= moved
+                if left:
+                    self.server.counters["bulk_handbacks"] += 1
         while left:
             n = await self._recv_some([views[index][offset:], *views[index + 1 : index + _MAX_IOV]], left)
             left -= n
@@ -327,6 +331,7 @@ class ServerConnection:
             if after is not None and total >= _BULK_BYTES and self.server.bulk_slots.acquire(blocking=False):
                 try:
                     self._queue_send(views, after)
+                    self.server.counters["bulk_transfers"] += 1
                 except BaseException:
                     self.server.bulk_slots.release()
                     raise
@@ -352,8 +357,9 @@ class ServerConnection:
                 _consume(views, sent)
             return 0
 
-        if sum(len(v) for v in views) >= _BULK_BYTES:
-            await self._offload(pump, 0)
+        large = sum(len(v) for v in views) >= _BULK_BYTES
+        if large and await self._offload(pump) is not None and views:
+            self.server.counters["bulk_handbacks"] += 1
         while views:
             try:
                 sent = self.sock.sendmsg(views[:_MAX_IOV])
@@ -421,9 +427,9 @@ class ServerConnection:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
             self._timeouts_set = True
 
-    async def _offload(self, pump: Callable[[], int], default: int) -> int:
-        """Run ``pump`` (blocking socket I/O) on one of the server's bulk I/O threads; ``default`` at once
-        when none is free (the caller then does the I/O on the event loop).
+    async def _offload(self, pump: Callable[[], int]) -> int | None:
+        """Run ``pump`` (blocking socket I/O) on one of the server's bulk I/O threads and return what it
+        returns; ``None`` at once when none is free (the caller then does the I/O on the event loop).
 
         Why: a kernel copy of megabytes is most of a large request's cost. Done by blocking calls on a
         thread, it takes a few system calls and no loop wakeups, runs without the GIL, and several
@@ -434,7 +440,8 @@ class ServerConnection:
         """
         server = self.server
         if not server.bulk_slots.acquire(blocking=False):
-            return default
+            return None
+        server.counters["bulk_transfers"] += 1
         sock = self.sock
         try:
             self._set_timeouts()
@@ -523,7 +530,16 @@ class CacheServer:
         self.write_timeout = write_timeout
         self.extensions = list(extensions)
         self.started_at = time.time()
-        self.counters = {"connections": 0, "connections_total": 0, "requests": 0, "errors": 0, "refused": 0}
+        self.counters = {
+            "connections": 0,
+            "connections_total": 0,
+            "requests": 0,
+            "errors": 0,
+            "refused": 0,
+            # transfers moved on bulk I/O threads, and those a stalled peer handed back to the event loop
+            "bulk_transfers": 0,
+            "bulk_handbacks": 0,
+        }
         self._sock: socket.socket | None = None
         self._accept_task: asyncio.Task[None] | None = None
         self._tasks: dict[asyncio.Task[None], ServerConnection | None] = {}
