@@ -278,9 +278,8 @@ class PooledTier(Tier):
                 slot = pool.alloc(nbytes)
                 if slot is None:
                     break
-                out.append(SlotReservation(self, key, slot, nbytes, meta, pool.view(slot, nbytes), None))
-        for res in out:
-            res.mem = pool.host_view(res.offset, res.nbytes)
+                view, mem = pool.view(slot, nbytes), pool.host_view(slot, nbytes)
+                out.append(SlotReservation(self, key, slot, nbytes, meta, view, mem))
         return out
 
     def _commit(self, res: SlotReservation, if_absent: bool) -> bool:
