@@ -58,6 +58,12 @@ def _chunk_meta(meta: p.WireMeta, crc: int | None = None) -> ChunkMeta:
     )
 
 
+def _bytes_of(held: Any) -> memoryview:
+    """The flat bytes of a reservation or a pinned chunk: the pool's own memoryview when it has one."""
+    mem: memoryview | None = held.mem
+    return mem if mem is not None else byte_view(held.data)
+
+
 def _crc_of(handle: ChunkHandle, view: memoryview) -> int:
     """The chunk's CRC-32C: the one checked when it was put, else computed now."""
     crc = handle.meta.crc32c
@@ -180,7 +186,7 @@ async def _put(conn: ServerConnection, header: p.Header, meta: p.PutRequest) -> 
     try:
         # The payload lands in the reserved slot itself; nothing is visible until the commit, and a
         # short read, a closed connection or a failed checksum aborts it (the finally below).
-        view = res.mem if res.mem is not None else byte_view(res.data)
+        view = _bytes_of(res)
         got = await conn.read_payload_many([view], crc is not None)
         if crc is not None and got[0] != crc:
             res.abort()
@@ -215,7 +221,7 @@ async def _put_many(conn: ServerConnection, header: p.Header, meta: p.PutManyReq
             results.append(await conn.server.run_store(_store_one, conn.store, item, data, crc))
             continue
         try:
-            views = [res.mem if res.mem is not None else byte_view(res.data) for res in run]
+            views = [_bytes_of(res) for res in run]
             crcs = await conn.read_payload_many(views, verify)
             if verify:
                 for item, res, crc in zip(items[first : first + len(run)], run, crcs, strict=True):
@@ -259,7 +265,7 @@ async def _get(conn: ServerConnection, header: p.Header, meta: p.KeyRequest) -> 
         await conn.reply(p.Op.GET, header.request_id, p.GetReply(found=False))
         return
     try:
-        view = handle.mem if handle.mem is not None else byte_view(handle.data)
+        view = _bytes_of(handle)
         crc = _crc_of(handle, view) if header.has_checksum else None
         reply = p.GetReply(found=True, meta=_wire_meta(handle.meta))
     except BaseException:
@@ -303,7 +309,7 @@ def _collect(
                 sizes.append(-1)
                 crcs.append(0)
                 continue
-            view = handle.mem if handle.mem is not None else byte_view(handle.data)
+            view = _bytes_of(handle)
             handles.append(handle)
             views.append(view)
             sizes.append(len(view))
