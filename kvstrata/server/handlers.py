@@ -46,18 +46,6 @@ def error_code(exc: BaseException) -> str:
     return "internal"
 
 
-def _chunk_meta(meta: p.WireMeta, crc: int | None = None) -> ChunkMeta:
-    """The stored metadata of a put; ``crc``: the payload's CRC-32C, once it has been checked (kept with the
-    chunk so that gets need not read the chunk again to checksum it)."""
-    return ChunkMeta(
-        block_keys=tuple(meta.block_keys),
-        fingerprint=meta.fingerprint,
-        codec=meta.codec,
-        num_tokens=meta.num_tokens,
-        crc32c=-1 if crc is None else crc,
-    )
-
-
 def _bytes_of(held: Any) -> memoryview:
     """The flat bytes of a reservation or a pinned chunk: the pool's own memoryview when it has one."""
     mem: memoryview | None = held.mem
@@ -68,15 +56,6 @@ def _crc_of(handle: ChunkHandle, view: memoryview) -> int:
     """The chunk's CRC-32C: the one checked when it was put, else computed now."""
     crc = handle.meta.crc32c
     return crc if crc >= 0 else p.checksum(view)
-
-
-def _wire_meta(meta: ChunkMeta) -> p.WireMeta:
-    return p.WireMeta(
-        block_keys=list(meta.block_keys),
-        fingerprint=meta.fingerprint,
-        codec=meta.codec,
-        num_tokens=meta.num_tokens,
-    )
 
 
 # ---- handlers ---------------------------------------------------------------------------------------
@@ -116,7 +95,7 @@ def _reserve_run(store: Any, items: Sequence[p.PutItem], verify: bool) -> list[A
     if reserve_many is None:
         return []
     specs = [
-        (item.key, item.size, _chunk_meta(item.meta, item.checksum if verify else None)) for item in items
+        (item.key, item.size, p.chunk_meta(item.meta, item.checksum if verify else -1)) for item in items
     ]
     try:
         return list(reserve_many(specs))
@@ -173,7 +152,7 @@ def _commit_all(store: Any, reservations: Sequence[Any]) -> list[str]:
 
 async def _put(conn: ServerConnection, header: p.Header, meta: p.PutRequest) -> None:
     crc = header.checksum if header.has_checksum else None
-    chunk_meta = _chunk_meta(meta.meta, crc)
+    chunk_meta = p.chunk_meta(meta.meta, -1 if crc is None else crc)
     res = await _reserved(conn, _reserve, conn.store, meta.key, header.payload_len, chunk_meta)
     if res is None:
         data = await _receive_chunk(conn, header.payload_len, crc)
@@ -239,7 +218,7 @@ def _store_one(store: Any, item: p.PutItem, data: torch.Tensor | None, crc: int 
     if data is None:
         return "corrupt"
     try:
-        store.put(item.key, data, _chunk_meta(item.meta, crc))
+        store.put(item.key, data, p.chunk_meta(item.meta, -1 if crc is None else crc))
     except KVStrataError as exc:
         return error_code(exc)
     return ""
@@ -267,7 +246,7 @@ async def _get(conn: ServerConnection, header: p.Header, meta: p.KeyRequest) -> 
     try:
         view = _bytes_of(handle)
         crc = _crc_of(handle, view) if header.has_checksum else None
-        reply = p.GetReply(found=True, meta=_wire_meta(handle.meta))
+        reply = p.GetReply(found=True, meta=p.wire_meta(handle.meta))
     except BaseException:
         handle.release()
         raise

@@ -49,10 +49,10 @@ import msgspec
 import torch
 
 from kvstrata.errors import InvalidArgumentError, KVStrataError, ProtocolError
-from kvstrata.kvstore.tier import EMPTY_META, ChunkHandle, ChunkMeta
+from kvstrata.kvstore.tier import EMPTY_META, ChunkHandle
 from kvstrata.transport import protocol as p
 from kvstrata.transport.base import PutSpec, ServerAddress, TransportOptions
-from kvstrata.transport.tcp import TcpTransport, _wire_meta
+from kvstrata.transport.tcp import TcpTransport
 
 __all__ = [
     "ATTACH",
@@ -230,15 +230,6 @@ class _Lease:
 
 #: The key a put reservation is made under before PUT_COMMIT names the real one (never visible).
 _PENDING_KEY = bytes(16)
-
-
-def _chunk_meta(meta: p.WireMeta) -> ChunkMeta:
-    return ChunkMeta(
-        block_keys=tuple(meta.block_keys),
-        fingerprint=meta.fingerprint,
-        codec=meta.codec,
-        num_tokens=meta.num_tokens,
-    )
 
 
 class LeaseServer:
@@ -536,7 +527,7 @@ class LeaseServer:
                     and hasattr(reserved, "rename")
                 ):
                     try:
-                        reserved.rename(item.key, _chunk_meta(item.meta))
+                        reserved.rename(item.key, p.chunk_meta(item.meta))
                     except KVStrataError as exc:
                         lease.put = False
                         self._end(lease_id, lease, expired=False)
@@ -578,14 +569,14 @@ class LeaseServer:
             if item.size > lease.size:
                 code = "invalid_argument"
             elif reserved is not None and item.size == reserved.nbytes:
-                reserved.commit(item.key, _chunk_meta(item.meta))  # in place: no copy
+                reserved.commit(item.key, p.chunk_meta(item.meta))  # in place: no copy
                 lease.reserved = None  # committed: nothing left to abort
                 self.reserved_puts -= 1
             elif reserved is not None:  # written shorter than reserved: store the bytes written
-                store.put(item.key, reserved.data[: item.size], _chunk_meta(item.meta))
+                store.put(item.key, reserved.data[: item.size], p.chunk_meta(item.meta))
             else:
                 assert lease.staging is not None
-                store.put(item.key, self.staging.view(lease.staging, item.size), _chunk_meta(item.meta))
+                store.put(item.key, self.staging.view(lease.staging, item.size), p.chunk_meta(item.meta))
         except KVStrataError as exc:
             code = error_code(exc)
         finally:
@@ -830,7 +821,9 @@ class LeaseTransport(TcpTransport):
                     granted.append(i)
                     spans.append((position, data))
                     written.append(
-                        PutCommitItem(lease=lease, key=item.key, size=data.numel(), meta=_wire_meta(item))
+                        PutCommitItem(
+                            lease=lease, key=item.key, size=data.numel(), meta=p.wire_meta(item.meta)
+                        )
                     )
                 if written:
                     self._write_many(spans)

@@ -36,6 +36,7 @@ import msgspec
 
 from kvstrata import errors
 from kvstrata.errors import ProtocolError, VersionMismatchError
+from kvstrata.kvstore.tier import EMPTY_META, ChunkMeta
 
 __all__ = [
     "ERROR_CODES",
@@ -240,6 +241,33 @@ class WireMeta(_Meta):
     fingerprint: Annotated[bytes, msgspec.Meta(max_length=64)] = b""
     codec: Annotated[str, msgspec.Meta(max_length=16)] = "none"
     num_tokens: Annotated[int, msgspec.Meta(ge=0, le=1 << 40)] = 0
+
+
+_NO_META = WireMeta()
+
+
+def wire_meta(meta: ChunkMeta) -> WireMeta:
+    """A chunk's stored metadata as it goes on the wire (the checksum travels in its own field)."""
+    if meta is EMPTY_META:
+        return _NO_META  # shared: only ever encoded
+    return WireMeta(
+        block_keys=list(meta.block_keys),
+        fingerprint=meta.fingerprint,
+        codec=meta.codec,
+        num_tokens=meta.num_tokens,
+    )
+
+
+def chunk_meta(meta: WireMeta, crc32c: int = -1) -> ChunkMeta:
+    """The stored metadata of a chunk put over the wire; ``crc32c``: its payload's CRC-32C once checked
+    (kept with the chunk so that gets need not read it again to checksum it), -1 when not."""
+    return ChunkMeta(
+        block_keys=tuple(meta.block_keys),
+        fingerprint=meta.fingerprint,
+        codec=meta.codec,
+        num_tokens=meta.num_tokens,
+        crc32c=crc32c,
+    )
 
 
 class ServerHello(_Meta):

@@ -28,7 +28,6 @@ from kvstrata.errors import (
     TransportError,
     VersionMismatchError,
 )
-from kvstrata.kvstore.tier import EMPTY_META
 from kvstrata.transport import protocol as p
 from kvstrata.transport.base import PrefixResult, PutSpec, ServerAddress, Transport, TransportOptions
 
@@ -355,7 +354,7 @@ class TcpTransport(Transport):
                     key=items[i].key,
                     size=len(view),
                     checksum=p.checksum(view) if want_crc else 0,
-                    meta=_wire_meta(items[i]),
+                    meta=p.wire_meta(items[i].meta),
                 )
                 for i, view in zip(batch, views, strict=True)
             ]
@@ -542,18 +541,3 @@ class TcpTransport(Transport):
             return time.perf_counter() - start
 
         return float(self._call(timeout, run))
-
-
-_NO_META = p.WireMeta()
-
-
-def _wire_meta(item: PutSpec) -> p.WireMeta:
-    meta = item.meta
-    if meta is EMPTY_META:
-        return _NO_META
-    return p.WireMeta(
-        block_keys=list(meta.block_keys),
-        fingerprint=meta.fingerprint,
-        codec=meta.codec,
-        num_tokens=meta.num_tokens,
-    )
