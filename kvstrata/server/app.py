@@ -328,10 +328,9 @@ class ServerConnection:
             views = [v for v in map(_flat, parts) if len(v)]
             await self.settle()
             total = sum(len(v) for v in views)
-            if after is not None and total >= _BULK_BYTES and self.server.bulk_slots.acquire(blocking=False):
+            if after is not None and total >= _BULK_BYTES and self._take_bulk_slot():
                 try:
                     self._queue_send(views, after)
-                    self.server.counters["bulk_transfers"] += 1
                 except BaseException:
                     self.server.bulk_slots.release()
                     raise
@@ -343,23 +342,8 @@ class ServerConnection:
                 after()
 
     async def _send_now(self, views: list[memoryview]) -> None:
+        """Write ``views`` from the event loop (non-blocking calls, bounded waits for the peer)."""
         timeout = self.server.write_timeout
-
-        def pump() -> int:
-            """Blocking writes on a worker thread (see :meth:`_offload`); 0."""
-            while views:
-                try:
-                    sent = self.sock.sendmsg(views[:_MAX_IOV])
-                except (BlockingIOError, InterruptedError):
-                    break  # the time slice ran out: the event loop goes on
-                except OSError as exc:
-                    raise _Closed(str(exc)) from exc
-                _consume(views, sent)
-            return 0
-
-        large = sum(len(v) for v in views) >= _BULK_BYTES
-        if large and await self._offload(pump) is not None and views:
-            self.server.counters["bulk_handbacks"] += 1
         while views:
             try:
                 sent = self.sock.sendmsg(views[:_MAX_IOV])
@@ -371,32 +355,33 @@ class ServerConnection:
             _consume(views, sent)
 
     def _queue_send(self, views: list[memoryview], after: Callable[[], None]) -> None:
-        """Start a background write of ``views`` on a bulk I/O thread (a bulk slot is held for it)."""
+        """Start a background write of ``views`` on a bulk I/O thread (a bulk slot is held for it). It
+        keeps its thread until the bytes are out or the write timeout passes (the connection then fails),
+        then gives the slot back and calls ``after``."""
         sock = self.sock
         server = self.server
         self._set_timeouts()
-        deadline_s = server.write_timeout
+        deadline = time.monotonic() + server.write_timeout
+
+        def pump() -> int:
+            while views:
+                try:
+                    sent = sock.sendmsg(views[:_MAX_IOV])
+                except (BlockingIOError, InterruptedError):
+                    if time.monotonic() > deadline:
+                        raise RequestTimeoutError(
+                            "peer did not read its replies within the write timeout"
+                        ) from None
+                    continue  # one time slice ran out: the peer is slow, not gone yet
+                except OSError as exc:
+                    raise _Closed(str(exc)) from exc
+                _consume(views, sent)
+            return 0
 
         def job() -> int:
             try:
-                sock.setblocking(True)
-                deadline = time.monotonic() + deadline_s
-                while views:
-                    try:
-                        sent = sock.sendmsg(views[:_MAX_IOV])
-                    except (BlockingIOError, InterruptedError):
-                        if time.monotonic() > deadline:
-                            raise RequestTimeoutError(
-                                "peer did not read its replies within the write timeout"
-                            ) from None
-                        continue
-                    except OSError as exc:
-                        raise _Closed(str(exc)) from exc
-                    _consume(views, sent)
-                return 0
+                return _blocking(sock, pump)
             finally:
-                with contextlib.suppress(OSError):
-                    sock.setblocking(False)
                 server.bulk_slots.release()
                 try:
                     after()
@@ -439,9 +424,8 @@ class ServerConnection:
         holds a thread no longer than that; the caller finishes such a transfer on the event loop.
         """
         server = self.server
-        if not server.bulk_slots.acquire(blocking=False):
+        if not self._take_bulk_slot():
             return None
-        server.counters["bulk_transfers"] += 1
         sock = self.sock
         try:
             self._set_timeouts()
@@ -452,6 +436,13 @@ class ServerConnection:
         future.add_done_callback(lambda _: server.bulk_slots.release())
         self._bulk = future
         return await asyncio.wrap_future(future)
+
+    def _take_bulk_slot(self) -> bool:
+        """One of the server's bulk I/O threads for a transfer (counted), or False when none is free."""
+        if not self.server.bulk_slots.acquire(blocking=False):
+            return False
+        self.server.counters["bulk_transfers"] += 1
+        return True
 
     def wait_bulk(self) -> None:
         """Wake and wait for a bulk transfer still running on a thread (before the socket is closed: a
@@ -794,7 +785,8 @@ def _blocking(sock: socket.socket, pump: Callable[[], int]) -> int:
     try:
         return pump()
     finally:
-        sock.setblocking(False)
+        with contextlib.suppress(OSError):  # shut down under it (wait_bulk): nothing left to restore
+            sock.setblocking(False)
 
 
 _REQUEST_COUNTERS: dict[int, Any] = {}
