@@ -127,27 +127,12 @@ def _abort_result(fut: asyncio.Future[Any]) -> None:
 
 
 def _commit_all(store: Any, reservations: Sequence[Any]) -> list[str]:
-    """Commit each reservation still active (together when the store can); their result codes ("" when
-    stored)."""
-    commit_many = getattr(store, "commit_many", None)
-    if commit_many is not None:
-        filled = [res.active for res in reservations]  # not active: aborted after a checksum failure
-        errors = iter(commit_many([res for res, ok in zip(reservations, filled, strict=True) if ok]))
-        return [
-            ("" if (err := next(errors)) is None else error_code(err)) if ok else "corrupt" for ok in filled
-        ]
-    codes: list[str] = []
-    for res in reservations:
-        if not res.active:
-            codes.append("corrupt")  # aborted after a checksum failure
-            continue
-        try:
-            res.commit()
-        except KVStrataError as exc:
-            codes.append(error_code(exc))
-            continue
-        codes.append("")
-    return codes
+    """Commit the reservations still active, together (``Store.commit_many``: they come from its
+    ``reserve_many``); their result codes ("" when stored, "corrupt" when aborted after a failed
+    checksum)."""
+    filled = [res.active for res in reservations]
+    errors = iter(store.commit_many([res for res, ok in zip(reservations, filled, strict=True) if ok]))
+    return [("" if (err := next(errors)) is None else error_code(err)) if ok else "corrupt" for ok in filled]
 
 
 async def _put(conn: ServerConnection, header: p.Header, meta: p.PutRequest) -> None:
