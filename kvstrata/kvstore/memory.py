@@ -254,6 +254,9 @@ class PooledTier(Tier):
             # Listeners run outside the lock; the victims are gone whatever happens to this reservation.
             if evicted:
                 self._emit_removed([k for k, _ in evicted], [m for _, m in evicted])
+        return self._reservation(key, slot, nbytes, meta)
+
+    def _reservation(self, key: bytes, slot: int, nbytes: int, meta: ChunkMeta) -> SlotReservation:
         pool = self._pool
         return SlotReservation(
             self, key, slot, nbytes, meta, pool.view(slot, nbytes), pool.host_view(slot, nbytes)
@@ -261,9 +264,9 @@ class PooledTier(Tier):
 
     def reserve_many(self, specs: Sequence[tuple[bytes, int, ChunkMeta]]) -> list[SlotReservation]:
         """Reservations for the leading ``specs`` (key, nbytes, meta) that fit without evicting anything,
-        taken under one lock; stops at the first that does not fit (the caller makes room for it with
-        :meth:`reserve`). Each is then used as one from :meth:`reserve`. Raises as :meth:`reserve` does for
-        a bad key or size (nothing held then)."""
+        taken under one lock; stops at the first that does not fit or is larger than the slots (the caller
+        makes room for it with :meth:`reserve`, which also reports a size it cannot take). Each is then used
+        as one from :meth:`reserve`. Raises :class:`InvalidArgumentError` for a bad key (nothing held)."""
         checked = []
         for key, nbytes, meta in specs:
             key = check_key(key)
@@ -278,8 +281,7 @@ class PooledTier(Tier):
                 slot = pool.alloc(nbytes)
                 if slot is None:
                     break
-                view, mem = pool.view(slot, nbytes), pool.host_view(slot, nbytes)
-                out.append(SlotReservation(self, key, slot, nbytes, meta, view, mem))
+                out.append(self._reservation(key, slot, nbytes, meta))
         return out
 
     def _commit(self, res: SlotReservation, if_absent: bool) -> bool:
@@ -366,18 +368,25 @@ class PooledTier(Tier):
     def _pin(self, key: bytes, count: bool = True) -> _Entry | None:
         with self._lock:
             self._check_open()
-            entry = self._entries.get(key)
-            if entry is None:
-                if count:
-                    self.stats.misses += 1
-                return None
-            entry.pins += 1
+            return self._take(key, self._entries.get(key), count)
+
+    def _take(self, key: bytes, entry: _Entry | None, count: bool) -> _Entry | None:
+        """Pin ``entry`` (the lock held), counting a hit or a miss when ``count``."""
+        if entry is None:
             if count:
-                self._policy.touch(key)
-                stats = self.stats
-                stats.hits += 1
-                stats.bytes_read += entry.length
-            return entry
+                self.stats.misses += 1
+            return None
+        entry.pins += 1
+        if count:
+            self._policy.touch(key)
+            stats = self.stats
+            stats.hits += 1
+            stats.bytes_read += entry.length
+        return entry
+
+    def _handle(self, key: bytes, entry: _Entry) -> ChunkHandle:
+        """The handle of a pinned entry; releasing it unpins."""
+        return ChunkHandle(key, entry.view, entry.meta, partial(self._unpin, entry), entry.mem)
 
     def get(self, key: bytes, out: BufferLike | None = None) -> torch.Tensor | None:
         """Copy the chunk out of its slot (see :meth:`Tier.get`)."""
@@ -415,7 +424,7 @@ class PooledTier(Tier):
         entry = self._pin(key, count)
         if entry is None:
             return None
-        return ChunkHandle(key, entry.view, entry.meta, lambda: self._unpin(entry), entry.mem)
+        return self._handle(key, entry)
 
     def acquire_many(self, keys: Sequence[bytes], max_bytes: int) -> list[ChunkHandle | None]:
         """:meth:`acquire` of several keys under one lock (hits and misses counted as there), for a prefix
@@ -426,23 +435,14 @@ class PooledTier(Tier):
         total = 0
         with self._lock:
             self._check_open()
-            entries = self._entries
-            stats = self.stats
-            policy = self._policy
             for key in keys:
-                entry = entries.get(key)
-                if entry is None:
-                    stats.misses += 1
-                    out.append(None)
-                    continue
-                if total and total + entry.length > max_bytes:
-                    break
-                total += entry.length
-                entry.pins += 1
-                policy.touch(key)
-                stats.hits += 1
-                stats.bytes_read += entry.length
-                out.append(ChunkHandle(key, entry.view, entry.meta, partial(self._unpin, entry), entry.mem))
+                entry = self._entries.get(key)
+                if entry is not None:
+                    if total and total + entry.length > max_bytes:
+                        break
+                    total += entry.length
+                entry = self._take(key, entry, True)
+                out.append(None if entry is None else self._handle(key, entry))
         return out
 
     def get_meta(self, key: bytes) -> ChunkMeta | None:
