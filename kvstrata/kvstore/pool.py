@@ -137,9 +137,11 @@ class SlotPool:
         self._pin = pin_memory and self.device.type == "cpu" and torch.cuda.is_available()
         self._segment_pages = max(1, PIN_SEGMENT_BYTES // slot_bytes)
         self._pinned_segments: list[int] = []
-        # Slot views are made once and reused: narrow() allocates a tensor and costs microseconds. A page's
-        # views are dropped when it returns to the free-page list, so the cache holds at most one view per
-        # slot of the pages in use (and one per whole page).
+        # Slot views are made once and reused: narrow() allocates a tensor and costs microseconds. A view is
+        # keyed by its offset and checked for its length, so one made for an earlier use of the slot is
+        # still right for a later one; views are kept when a page is freed (a put that replaces chunks frees
+        # and re-takes pages all the time), so the cache holds at most one view per slot start: no more
+        # than when every page is in use with the smallest class.
         self._views: dict[int, torch.Tensor] = {}
         # The host buffer as one flat memoryview: a slot's memoryview is a slice of it (a fraction of a
         # microsecond, where tensor.numpy() plus memoryview() costs microseconds per chunk on the wire path).
@@ -275,10 +277,6 @@ class SlotPool:
             # Wholly free: back to the free-page list, for any class.
             self._partial[index].pop(page, None)
             del self._page_free[page]
-            size = self.class_sizes[index]
-            base = page * self.slot_bytes
-            for slot in range(base, base + self._per_page[index] * size, size):
-                self._views.pop(slot, None)
             self._page_class[page] = -1
             self._free_pages.append(page)
             return
