@@ -4,6 +4,11 @@ Every measurement is printed as ``{"bench", "case", "value", "unit", "ceiling", 
 ceiling is measured in the same run, on the same machine and the same bytes; ``ratio = value / ceiling``
 for throughputs (higher is better) and ``ceiling / value`` for latencies, so a ratio >= 1 always means
 "as good as the ceiling". Absolute figures vary between runs on shared machines; ratios hold.
+
+Cases timed in turns with their ceiling (:func:`interleaved`) also carry ``paired_ratio``: the median over
+the rounds of each round's ratio. ``ratio`` compares the best round of each side; on a machine whose speed
+swings from round to round the two bests can come from different moments, and the paired median says how
+the two compare at the same moment.
 """
 
 from __future__ import annotations
@@ -58,6 +63,28 @@ def median_time(fn: Callable[[], object], repeat: int = 5, warmup: int = 1) -> f
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def interleaved(repeat: int, *fns: Callable[[], object]) -> list[list[float]]:
+    """Times of each function in each of ``repeat`` rounds (``[round][fn]``, seconds), the functions timed
+    in turns within a round so that all of them see the same machine load (after one untimed call each)."""
+    for fn in fns:
+        fn()
+    rounds = []
+    for _ in range(repeat):
+        times = []
+        for fn in fns:
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        rounds.append(times)
+    return rounds
+
+
+def paired_ratio(rounds: list[list[float]], ceiling: int, case: int) -> float:
+    """Median over ``rounds`` (from :func:`interleaved`) of the ceiling's time / the case's time: the
+    throughput ratio of the two at the same moment."""
+    return statistics.median(r[ceiling] / r[case] for r in rounds if r[case] > 0)
 
 
 def gib_per_s(num_bytes: int, seconds: float) -> float:

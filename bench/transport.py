@@ -9,7 +9,8 @@ Cases per transport (a function ``bench_<name>(ctx)`` registered in ``TRANSPORTS
 added by writing one such function):
 
 - ``<name>_put_<size>`` / ``<name>_get_<size>``: GiB/s of ``put_many`` / ``get_many`` (into preallocated
-  tensors) of 64 chunks, ceiling = the plain socket pair in the same direction (goals: ratio >= 0.9 at
+  tensors) of 64 chunks, ceiling = the plain socket pair in the same direction, timed in turns with it
+  (``ratio``: best round of each; ``paired_ratio``: median of the rounds' ratios; goals: ratio >= 0.9 at
   2-8 MiB, >= 0.8 at 256 KiB). With payload checksums on (the default) and, as ``..._nocrc``, off.
 - ``<name>_lookup_prefix_64``: latency of LOOKUP_PREFIX over 64 keys (one round trip; goal <= 0.5 ms),
   ceiling = PING round trip on the same connection.
@@ -34,7 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
 
-from bench._common import best_time, emit, gib_per_s, log, median_time
+from bench._common import best_time, emit, gib_per_s, interleaved, log, median_time, paired_ratio
 from bench.transport_shm_nixl import SHM_NIXL_CASES
 
 BENCH = "transport"
@@ -190,21 +191,6 @@ def warm_up(server: ServerProcess, slots: int, slot: int) -> None:
         client.delete(keys)
 
 
-def _interleaved(raw: Callable[[], object], ours: Callable[[], object], repeat: int) -> tuple[float, float]:
-    """Best times of ``raw`` and ``ours``, timed alternately (after one untimed call of each)."""
-    raw()
-    ours()
-    best_raw = best_ours = float("inf")
-    for _ in range(repeat):
-        start = time.perf_counter()
-        raw()
-        best_raw = min(best_raw, time.perf_counter() - start)
-        start = time.perf_counter()
-        ours()
-        best_ours = min(best_ours, time.perf_counter() - start)
-    return best_raw, best_ours
-
-
 def bench_client(ctx: BenchContext, name: str, url: str, **client_kwargs: object) -> None:
     """put_many / get_many / lookup through a Client on ``url``: the body of every transport's case."""
     from kvstrata.client import Client
@@ -228,15 +214,23 @@ def bench_client(ctx: BenchContext, name: str, url: str, **client_kwargs: object
                     client.put_many(k, d)
 
                 # The ceiling is timed in turns with the transport, so both see the same machine load.
-                raw_put, ours_put = _interleaved(lambda d=data: ctx.peer.put(d), put, ctx.repeat)
-                raw_get, ours_get = _interleaved(lambda o=outs: ctx.peer.get(o), get, ctx.repeat)
-                ceiling_put, ceiling_get = gib_per_s(total, raw_put), gib_per_s(total, raw_get)
-                put_rate, rate = gib_per_s(total, ours_put), gib_per_s(total, ours_get)
+                puts = interleaved(ctx.repeat, lambda d=data: ctx.peer.put(d), put)
+                gets = interleaved(ctx.repeat, lambda o=outs: ctx.peer.get(o), get)
+                ceiling_put = gib_per_s(total, min(r[0] for r in puts))
+                ceiling_get = gib_per_s(total, min(r[0] for r in gets))
+                put_rate = gib_per_s(total, min(r[1] for r in puts))
+                rate = gib_per_s(total, min(r[1] for r in gets))
                 if any(g is None or not torch.equal(g, d) for g, d in zip(got, data, strict=True)):
                     raise RuntimeError(f"{name}: wrong bytes came back at {size_name(size)}")
                 label = size_name(size)
-                emit(BENCH, f"{name}_put_{label}{suffix}", put_rate, "GiB/s", ceiling_put)
-                emit(BENCH, f"{name}_get_{label}{suffix}", rate, "GiB/s", ceiling_get)
+                emit(
+                    BENCH, f"{name}_put_{label}{suffix}", put_rate, "GiB/s", ceiling_put,
+                    paired_ratio=round(paired_ratio(puts, 0, 1), 3),
+                )  # fmt: skip
+                emit(
+                    BENCH, f"{name}_get_{label}{suffix}", rate, "GiB/s", ceiling_get,
+                    paired_ratio=round(paired_ratio(gets, 0, 1), 3),
+                )  # fmt: skip
             if checksum:
                 keys = _keys(64, f"{name}lookup".encode())
                 client.put_many(keys, [torch.zeros(1024, dtype=torch.uint8) for _ in keys])
@@ -262,7 +256,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--sizes", default="256KiB,2MiB,8MiB")
     parser.add_argument("--chunks", type=int, default=64)
-    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--repeat", type=int, default=15)
     parser.add_argument("--transports", default=",".join(TRANSPORTS))
     args = parser.parse_args()
     sizes = [parse_size(s) for s in args.sizes.split(",")]

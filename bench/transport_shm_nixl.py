@@ -7,8 +7,9 @@ Each case gets ``bench/transport.py``'s context (``ctx.server.port``, ``ctx.size
   ``kvs+shm://``; ceiling = ``torch.Tensor.copy_`` of the same chunks into / out of one warm pool in this
   process (``copy_put_<size>`` / ``copy_get_<size>``). Goal: ratio >= 0.7.
 
-Each case and its ceiling are timed in alternation (best of ``ctx.repeat`` rounds each), so that on a
-shared machine both see the same load.
+Each case and its ceiling are timed in alternation (best of ``ctx.repeat`` rounds each, plus the median
+of the rounds' ratios as ``paired_ratio``, see ``bench/_common.py``), so that on a shared machine both
+see the same load.
 
 Reading the shm ratios: ``copy_`` runs with torch's default thread count (every core, split statically
 by OpenMP) on a pool that is warm and, at 256 KiB x 64, fits in the last-level cache. The shm client also
@@ -26,13 +27,12 @@ not that shm beat memcpy, so compare absolute GiB/s between runs as well.
 from __future__ import annotations
 
 import hashlib
-import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from bench._common import emit, gib_per_s, log
+from bench._common import emit, gib_per_s, interleaved, log, paired_ratio
 
 __all__ = ["SHM_NIXL_CASES", "bench_nixl", "bench_shm"]
 
@@ -89,37 +89,29 @@ class _CopyPool:
             out.copy_(slot)
 
 
-def _interleaved(repeat: int, *fns: Callable[[], object]) -> list[float]:
-    """Best time of each function, timed in alternation so that all of them see the same machine load."""
-    for fn in fns:
-        fn()
-    best = [float("inf")] * len(fns)
-    for _ in range(repeat):
-        for i, fn in enumerate(fns):
-            start = time.perf_counter()
-            fn()
-            best[i] = min(best[i], time.perf_counter() - start)
-    return best
-
-
 def bench_shm(ctx: Any) -> None:
     """The shm transport (``kvs+shm://``) against ``copy_`` of the same bytes (goal: ratio >= 0.7)."""
     for size in ctx.sizes:
         ceiling = _CopyPool(ctx, size)
         mover = _Mover(ctx, f"kvs+shm://127.0.0.1:{ctx.server.port}", size, "shm")
         try:
-            copy_put, shm_put, copy_get, shm_get = _interleaved(
-                ctx.repeat, ceiling.put, mover.put, ceiling.get, mover.get
-            )
+            rounds = interleaved(ctx.repeat, ceiling.put, mover.put, ceiling.get, mover.get)
             mover.check(f"shm at {_label(size)}")
         finally:
             mover.close()
+        copy_put, shm_put, copy_get, shm_get = (min(r[i] for r in rounds) for i in range(4))
         total = size * ctx.chunks
         label = _label(size)
         emit(BENCH, f"copy_put_{label}", gib_per_s(total, copy_put), "GiB/s")
         emit(BENCH, f"copy_get_{label}", gib_per_s(total, copy_get), "GiB/s")
-        emit(BENCH, f"shm_put_{label}", gib_per_s(total, shm_put), "GiB/s", gib_per_s(total, copy_put))
-        emit(BENCH, f"shm_get_{label}", gib_per_s(total, shm_get), "GiB/s", gib_per_s(total, copy_get))
+        emit(
+            BENCH, f"shm_put_{label}", gib_per_s(total, shm_put), "GiB/s", gib_per_s(total, copy_put),
+            paired_ratio=round(paired_ratio(rounds, 0, 1), 3),
+        )  # fmt: skip
+        emit(
+            BENCH, f"shm_get_{label}", gib_per_s(total, shm_get), "GiB/s", gib_per_s(total, copy_get),
+            paired_ratio=round(paired_ratio(rounds, 2, 3), 3),
+        )  # fmt: skip
 
 
 def bench_nixl(ctx: Any) -> None:
@@ -137,12 +129,13 @@ def bench_nixl(ctx: Any) -> None:
         tcp = _Mover(ctx, f"kvs://127.0.0.1:{ctx.server.port}", size, "nixl-tcp")
         nx = _Mover(ctx, f"kvs+nixl://127.0.0.1:{ctx.server.port}", size, "nixl")
         try:
-            tcp_put, nixl_put, tcp_get, nixl_get = _interleaved(ctx.repeat, tcp.put, nx.put, tcp.get, nx.get)
+            rounds = interleaved(ctx.repeat, tcp.put, nx.put, tcp.get, nx.get)
             tcp.check(f"tcp at {_label(size)}")
             nx.check(f"nixl at {_label(size)}")
         finally:
             tcp.close()
             nx.close()
+        tcp_put, nixl_put, tcp_get, nixl_get = (min(r[i] for r in rounds) for i in range(4))
         total = size * ctx.chunks
         label = _label(size)
         emit(
@@ -152,6 +145,7 @@ def bench_nixl(ctx: Any) -> None:
             "GiB/s",
             gib_per_s(total, tcp_put),
             ceiling_is="tcp transport",
+            paired_ratio=round(paired_ratio(rounds, 0, 1), 3),
         )
         emit(
             BENCH,
@@ -160,6 +154,7 @@ def bench_nixl(ctx: Any) -> None:
             "GiB/s",
             gib_per_s(total, tcp_get),
             ceiling_is="tcp transport",
+            paired_ratio=round(paired_ratio(rounds, 2, 3), 3),
         )
 
 
