@@ -228,30 +228,26 @@ async def _get(conn: ServerConnection, header: p.Header, meta: p.KeyRequest) -> 
     if handle is None:
         await conn.reply(p.Op.GET, header.request_id, p.GetReply(found=False))
         return
-    try:
+    try:  # the chunk stays pinned until its bytes are out
         view = _bytes_of(handle)
         crc = _crc_of(handle, view) if header.has_checksum else None
         reply = p.GetReply(found=True, meta=p.wire_meta(handle.meta))
-    except BaseException:
+        await conn.reply(p.Op.GET, header.request_id, reply, [view], checksum=crc)
+    finally:
         handle.release()
-        raise
-    # The chunk stays pinned until its bytes are out (the write may go on after this returns).
-    await conn.reply(p.Op.GET, header.request_id, reply, [view], checksum=crc, after=handle.release)
 
 
 async def _get_many(conn: ServerConnection, header: p.Header, meta: p.KeysRequest) -> None:
     budget = min(conn.server.max_payload, conn.server.max_inflight_bytes)
     want_crc = header.has_checksum
     handles, sizes, crcs, views = await conn.server.run_store(_collect, conn, meta.keys, budget, want_crc)
-
-    def release() -> None:
-        for handle in handles:
-            handle.release()
-
-    # The chunks stay pinned until their bytes are out (the write may go on after this returns).
     reply = p.GetManyReply(sizes=sizes, checksums=crcs if want_crc else [])
     flags = p.Flag.CHECKSUM if want_crc else 0
-    await conn.reply(p.Op.GET_MANY, header.request_id, reply, views, flags=flags, after=release)
+    try:  # the chunks stay pinned until their bytes are out
+        await conn.reply(p.Op.GET_MANY, header.request_id, reply, views, flags=flags)
+    finally:
+        for handle in handles:
+            handle.release()
 
 
 def _collect(
