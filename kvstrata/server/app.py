@@ -68,7 +68,9 @@ _STAGING = 64 * 1024
 _KEEP_BUFFER = 8 << 20
 _MAX_IOV = 512
 _HELLO_TIMEOUT_S = 5.0
-#: Payload reads of at least this many bytes run as blocking calls on a bulk I/O thread (see ``_offload``).
+#: Payload reads of more than this many bytes run as blocking calls on a bulk I/O thread (see ``_offload``).
+#: Each costs two hand-offs between the loop and a thread: a client's 1 MiB put frames (tcp.PUT_FRAME_BYTES)
+#: measured 4-28% faster read on the loop, frames of a 2 or 8 MiB chunk the same either way.
 _BULK_BYTES = 1 << 20
 #: Longest a blocking call on a bulk I/O thread waits for its peer before handing back to the event loop.
 _BULK_SLICE_S = 0.5
@@ -280,7 +282,7 @@ class ServerConnection:
                 advance(n)
             return got
 
-        if left >= _BULK_BYTES:
+        if left > _BULK_BYTES:
             moved = await self._offload(pump)
             if moved is not None:
                 left -= moved

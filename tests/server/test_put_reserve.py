@@ -169,9 +169,9 @@ def test_checked_crc_is_kept_and_catches_corruption_after_the_put(server: InProc
 @pytest.mark.parametrize("bulk_threads", [0, 2])
 @pytest.mark.parametrize("checksum", [True, False])
 def test_large_transfers_on_bulk_threads_or_the_event_loop(bulk_threads: int, checksum: bool) -> None:
-    """Frames of megabytes are moved by blocking calls on bulk I/O threads, or on the event loop when no
-    thread is free (0 here): the same bytes either way."""
-    slot = 1 << 20
+    """Put payloads of megabytes are read by blocking calls on bulk I/O threads, or on the event loop when
+    no thread is free (0 here): the same bytes either way."""
+    slot = 4 << 20
     with InProcessServer(capacity=24 * slot, slot=slot, bulk_threads=bulk_threads) as srv:
         keys = [chunk_key(i, b"bulk") for i in range(10)]
         data = [torch.randint(0, 256, (slot - 4096 * i,), dtype=torch.uint8) for i in range(10)]
@@ -180,6 +180,8 @@ def test_large_transfers_on_bulk_threads_or_the_event_loop(bulk_threads: int, ch
             got = client.get_many(keys)
         for g, d in zip(got, data, strict=True):
             assert g is not None and torch.equal(g, d)
+        transfers = srv.server.counters["bulk_transfers"]  # type: ignore[union-attr]
+        assert (transfers >= len(keys)) if bulk_threads else (transfers == 0)
 
 
 def test_a_writer_that_stalls_mid_payload_is_finished_on_the_event_loop() -> None:
