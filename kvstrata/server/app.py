@@ -69,8 +69,9 @@ _KEEP_BUFFER = 8 << 20
 _MAX_IOV = 512
 _HELLO_TIMEOUT_S = 5.0
 #: Payload reads of more than this many bytes run as blocking calls on a bulk I/O thread (see ``_offload``).
-#: Each costs two hand-offs between the loop and a thread: a client's 1 MiB put frames (tcp.PUT_FRAME_BYTES)
-#: measured 4-28% faster read on the loop, frames of a 2 or 8 MiB chunk the same either way.
+#: A hand-off to a thread and back costs tens of microseconds, a sizable part of reading one MiB, so a
+#: client's 1 MiB put frames (tcp.PUT_FRAME_BYTES) stay on the loop (measured with bench/ab.py: the same
+#: either way on 2 cores, within the noise).
 _BULK_BYTES = 1 << 20
 #: Longest a blocking call on a bulk I/O thread waits for its peer before handing back to the event loop.
 _BULK_SLICE_S = 0.5
@@ -318,9 +319,10 @@ class ServerConnection:
         """Write every part with scatter/gather ``sendmsg`` from the event loop; waits (bounded by
         ``write_timeout_s``) while the peer is not reading.
 
-        Replies are written here rather than by blocking calls on a bulk I/O thread: handing a large reply
-        to a thread and waiting for it measured 1.2-1.3x slower per GET (at 256 KiB to 8 MiB chunks) than
-        non-blocking writes driven by the loop's readiness callbacks.
+        Replies are written here rather than by blocking calls on a bulk I/O thread: handing large replies
+        to a thread to write in the background made GETs 1.3-1.4x slower (bench/ab.py against a revision
+        that did, at 256 KiB and 8 MiB chunks) than non-blocking writes driven by the loop's readiness
+        callbacks.
         """
         views = [v for v in map(_flat, parts) if len(v)]
         timeout = self.server.write_timeout

@@ -31,7 +31,7 @@ from kvstrata.errors import (
 from kvstrata.transport import protocol as p
 from kvstrata.transport.base import PrefixResult, PutSpec, ServerAddress, Transport, TransportOptions
 
-__all__ = ["TcpTransport", "byte_view", "consume", "flat_view", "ramp"]
+__all__ = ["TcpTransport", "byte_view", "consume", "flat_view"]
 
 #: Linux's IOV_MAX is 1024; stay well below it per sendmsg call.
 _MAX_IOV = 512
@@ -39,38 +39,11 @@ _DISCARD = 1 << 20
 #: Bytes per GET_MANY reply when a batch is split for pipelining: big enough that the per-frame work of
 #: both ends (parse, pin, reply) is a small part of moving it; measured at 4 and 16 MiB.
 PIPELINE_BYTES = 16 << 20
-#: A pipelined GET_MANY batch of chunks this large or larger starts with a one-chunk request, and each next
-#: request asks for RAMP_GROWTH times more, up to PIPELINE_BYTES (see ramp).
-RAMP_MIN_CHUNK_BYTES = 1 << 20
-RAMP_GROWTH = 4
-#: Bytes per PUT_MANY frame (at least one chunk each; see put_many). Measured at 256 KiB chunks, each
-#: step in turn: 4 MiB frames 8-9% faster than 16 MiB, 2 MiB 9-12% faster than 4 MiB, 1 MiB 7-18%
-#: faster than 2 MiB, 512 KiB 3-15% slower than 1 MiB; at 2 MiB chunks one chunk per frame was 6-22%
-#: faster than two or eight.
+#: Bytes per PUT_MANY frame (at least one chunk each; see put_many). Measured with bench/ab.py (medians
+#: of paired rounds): at 256 KiB chunks, 1 MiB frames moved 1.29x as much as 16 MiB ones without checksums,
+#: and 1.10x / 1.15x as much as 4 MiB / 512 KiB ones with them; at 2 MiB chunks with checksums, one chunk
+#: a frame 1.24x as much as two.
 PUT_FRAME_BYTES = 1 << 20
-
-
-def ramp(items: list[int], chunk_bytes: int) -> list[list[int]]:
-    """``items`` (chunks of about ``chunk_bytes``) cut into the GET_MANY requests of one pipelined batch:
-    requests of about ``PIPELINE_BYTES``, except that chunks of ``RAMP_MIN_CHUNK_BYTES`` or more start with
-    a request for one chunk, each next request ``RAMP_GROWTH`` times larger.
-
-    Why: the server pins every chunk of a request before the first byte of its reply goes out, and a
-    small first reply starts the bytes flowing while the next request is pinned. Measured against plain
-    16 MiB requests: 2-20% faster at 2 and 8 MiB chunks; at 256 KiB 8-19% slower starting at 1 MiB and
-    from 15% slower to 9% faster starting at one chunk (one 16 MiB request of 64 chunks did best there),
-    hence the lower bound on the chunk size.
-    """
-    chunk = max(chunk_bytes, 1)
-    most = max(1, min(p.MAX_KEYS, PIPELINE_BYTES // chunk))
-    per = 1 if chunk >= RAMP_MIN_CHUNK_BYTES else most
-    out: list[list[int]] = []
-    start = 0
-    while start < len(items):
-        out.append(items[start : start + per])
-        start += per
-        per = min(most, per * RAMP_GROWTH)
-    return out
 
 
 def byte_view(tensor: torch.Tensor) -> memoryview:
@@ -423,8 +396,11 @@ class TcpTransport(Transport):
         results: list[torch.Tensor | None],
     ) -> list[int]:
         flags = p.Flag.CHECKSUM if self.options.checksum else 0
+        # Keys per request from the chunk size seen last, so each reply is about PIPELINE_BYTES.
+        per = max(1, min(p.MAX_KEYS, PIPELINE_BYTES // max(self._chunk_hint, 1)))
         sent: list[tuple[int, list[int]]] = []
-        for batch in ramp(pending, self._chunk_hint):
+        for start in range(0, len(pending), per):
+            batch = pending[start : start + per]
             sent.append(
                 (
                     self._request(p.Op.GET_MANY, p.KeysRequest(keys=[keys[i] for i in batch]), flags=flags),

@@ -26,7 +26,7 @@ from kvstrata.transport.base import (
     server_extension_class,
     transport_class,
 )
-from kvstrata.transport.tcp import PIPELINE_BYTES, TcpTransport, ramp
+from kvstrata.transport.tcp import TcpTransport
 from tests.kvstore.conformance_tier import chunk_key, pattern
 from tests.transport.servers import InProcessServer, wait_until
 
@@ -48,18 +48,6 @@ def test_urls_and_registry() -> None:
         transport_class("kvs+test")
     with pytest.raises(InvalidArgumentError):
         server_extension_class("carrier-pigeon")
-
-
-@pytest.mark.parametrize("chunk", [1024, 256 << 10, 2 << 20, 8 << 20, 64 << 20])
-def test_get_many_requests_ramp_up_for_large_chunks(chunk: int) -> None:
-    """A pipelined GET_MANY batch is cut into requests covering every key once, in order, each within
-    PIPELINE_BYTES (at least one key) and MAX_KEYS; chunks of 1 MiB or more start with one key."""
-    items = list(range(5000))
-    batches = ramp(items, chunk)
-    assert [i for b in batches for i in b] == items
-    assert all(1 <= len(b) <= max(1, min(p.MAX_KEYS, PIPELINE_BYTES // chunk)) for b in batches)
-    assert (len(batches[0]) == 1) == (chunk >= 1 << 20)
-    assert ramp([], chunk) == []
 
 
 def test_get_into_out_buffers_and_meta_of_chunk_keys() -> None:
