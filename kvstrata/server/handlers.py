@@ -241,9 +241,9 @@ async def _get_many(conn: ServerConnection, header: p.Header, meta: p.KeysReques
     budget = min(conn.server.max_payload, conn.server.max_inflight_bytes)
     want_crc = header.has_checksum
     handles, sizes, crcs, views = await conn.server.run_store(_collect, conn, meta.keys, budget, want_crc)
-    reply = p.GetManyReply(sizes=sizes, checksums=crcs if want_crc else [])
-    flags = p.Flag.CHECKSUM if want_crc else 0
     try:  # the chunks stay pinned until their bytes are out
+        reply = p.GetManyReply(sizes=sizes, checksums=crcs if want_crc else [])
+        flags = p.Flag.CHECKSUM if want_crc else 0
         await conn.reply(p.Op.GET_MANY, header.request_id, reply, views, flags=flags)
     finally:
         for handle in handles:
