@@ -351,12 +351,13 @@ class ServerConnection:
         thread, it takes a few system calls and no loop wakeups, runs without the GIL, and several
         connections' copies run on several cores at once. The socket is blocking only while the thread
         holds it (nothing else touches it then: its connection's coroutine is waiting here), and each
-        blocking call gives up after ``_BULK_SLICE_S`` (SO_RCVTIMEO / SO_SNDTIMEO), so a peer that stalls
-        holds a thread no longer than that; the caller finishes such a transfer on the event loop.
+        blocking read gives up after ``_BULK_SLICE_S`` (SO_RCVTIMEO), so a peer that stalls holds a thread
+        no longer than that; the caller finishes such a transfer on the event loop.
         """
         server = self.server
-        if not self._take_bulk_slot():
+        if not server.bulk_slots.acquire(blocking=False):
             return None
+        server.counters["bulk_transfers"] += 1
         sock = self.sock
         try:
             self._set_timeouts()
@@ -367,13 +368,6 @@ class ServerConnection:
         future.add_done_callback(lambda _: server.bulk_slots.release())
         self._bulk = future
         return await asyncio.wrap_future(future)
-
-    def _take_bulk_slot(self) -> bool:
-        """One of the server's bulk I/O threads for a transfer (counted), or False when none is free."""
-        if not self.server.bulk_slots.acquire(blocking=False):
-            return False
-        self.server.counters["bulk_transfers"] += 1
-        return True
 
     def wait_bulk(self) -> None:
         """Wake and wait for a bulk transfer still running on a thread (before the socket is closed: a
