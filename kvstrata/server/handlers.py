@@ -259,12 +259,12 @@ def _collect(
     crcs: list[int] = []
     views: list[memoryview] = []
     acquire_many = getattr(conn.store, "acquire_many", None)
-    if acquire_many is None:
-        found = _acquire_each(conn, keys, budget)
-    else:
-        found = [_on_host(h) for h in acquire_many(keys, budget)]
+    found = _acquire_each(conn, keys, budget) if acquire_many is None else list(acquire_many(keys, budget))
     try:
-        for handle in found:
+        for i, handle in enumerate(found):
+            # A device-tier hit becomes a host copy; should that copy fail, the original is still in
+            # ``found`` and is released below with the rest.
+            handle = found[i] = _on_host(handle)
             if handle is None:
                 sizes.append(-1)
                 crcs.append(0)
