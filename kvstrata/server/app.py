@@ -68,10 +68,10 @@ _STAGING = 64 * 1024
 _KEEP_BUFFER = 8 << 20
 _MAX_IOV = 512
 _HELLO_TIMEOUT_S = 5.0
-#: Payload reads of more than this many bytes run as blocking calls on a bulk I/O thread (see ``_offload``).
-#: A hand-off to a thread and back costs tens of microseconds, a sizable part of reading one MiB, so a
-#: client's 1 MiB put frames (tcp.PUT_FRAME_BYTES) stay on the loop (measured with bench/ab.py: the same
-#: either way on 2 cores, within the noise).
+#: Payload reads of more than this many bytes run as blocking calls on a bulk I/O thread (see ``_offload``)
+#: while another connection is also being served. A hand-off to a thread and back costs tens of
+#: microseconds, a sizable part of reading one MiB, so a client's 1 MiB put frames (tcp.PUT_FRAME_BYTES)
+#: stay on the loop (measured with bench/ab.py: the same either way on 2 cores, within the noise).
 _BULK_BYTES = 1 << 20
 #: Longest a blocking call on a bulk I/O thread waits for its peer before handing back to the event loop.
 _BULK_SLICE_S = 0.5
@@ -105,10 +105,21 @@ class ServerConnection:
         self._recv_buffer: torch.Tensor | None = None
         #: payload bytes of the current request not yet consumed
         self.payload_left = 0
-        self.busy = False
+        self._busy = False
         self._lowat = 1
         self._timeouts_set = False
         self._bulk: concurrent.futures.Future[int] | None = None  # the last transfer on a bulk thread
+
+    @property
+    def busy(self) -> bool:
+        """Whether a request of this connection is being served (counted in ``server.busy_connections``)."""
+        return self._busy
+
+    @busy.setter
+    def busy(self, value: bool) -> None:
+        if value != self._busy:
+            self._busy = value
+            self.server.busy_connections += 1 if value else -1
 
     # -- readiness -----------------------------------------------------------------------------------
     async def _wait(self, writable: bool, timeout: float | None) -> None:
@@ -283,7 +294,7 @@ class ServerConnection:
                 advance(n)
             return got
 
-        if left > _BULK_BYTES:
+        if left > _BULK_BYTES and self.server.busy_connections > 1:
             moved = await self._offload(pump)
             if moved is not None:
                 left -= moved
@@ -348,8 +359,12 @@ class ServerConnection:
         returns; ``None`` at once when none is free (the caller then does the I/O on the event loop).
 
         Why: a kernel copy of megabytes is most of a large request's cost. Done by blocking calls on a
-        thread, it takes a few system calls and no loop wakeups, runs without the GIL, and several
-        connections' copies run on several cores at once. The socket is blocking only while the thread
+        thread, it runs without the GIL, so several connections' copies run on several cores at once.
+        Only then is it worth the hand-offs (a thread wakeup, a future chained back to the loop): the
+        caller offloads only while another connection is being served too. A lone client's payloads are
+        read on the event loop, which has nothing else to do (measured with bench/ab.py, one client,
+        medians of paired rounds, against always offloading: checksummed puts of 2 MiB chunks 1.15x and
+        of 8 MiB 1.12x as fast; see docs/server.md). The socket is blocking only while the thread
         holds it (nothing else touches it then: its connection's coroutine is waiting here), and each
         blocking read gives up after ``_BULK_SLICE_S`` (SO_RCVTIMEO), so a peer that stalls holds a thread
         no longer than that; the caller finishes such a transfer on the event loop.
@@ -452,6 +467,8 @@ class CacheServer:
         self._sock: socket.socket | None = None
         self._accept_task: asyncio.Task[None] | None = None
         self._tasks: dict[asyncio.Task[None], ServerConnection | None] = {}
+        #: connections with a request being served now (see ServerConnection.busy)
+        self.busy_connections = 0
         self._closing = False
         # Disk tiers block (reads on a hit, demotion writes on a put): their calls run on worker threads
         # so that one slow disk never stalls the event loop. Memory-only stores run inline (no hop).
@@ -588,6 +605,7 @@ class CacheServer:
         except Exception:
             log.exception("connection %s failed", peer)
         finally:
+            conn.busy = False
             self.counters["connections"] -= 1
             _CONNECTIONS.dec()
             for ext in self.extensions:

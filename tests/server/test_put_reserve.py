@@ -166,22 +166,47 @@ def test_checked_crc_is_kept_and_catches_corruption_after_the_put(server: InProc
         assert meta is not None and meta.crc32c == -1  # not checked on the way in: not known
 
 
+def _hold_busy(port: int, slot: int, key: bytes) -> tuple[Raw, bytes, int]:
+    """A raw connection with a PUT under way (its header and part of its payload sent), so that the server
+    serves another connection meanwhile; returns it, the frame and how much of it went out."""
+    raw = Raw(port)
+    payload = os.urandom(slot)
+    frame = raw.encode(p.Op.PUT, 9, p.PutRequest(key=key), payload, crc=p.checksum(memoryview(payload)))
+    sent = len(frame) - len(payload) + 4096
+    raw.sock.sendall(frame[:sent])
+    return raw, frame, sent
+
+
+def _finish(raw: Raw, frame: bytes, sent: int) -> None:
+    raw.sock.sendall(frame[sent:])
+    reply = raw.frame()
+    assert reply.header.opcode == p.Op.PUT and reply.header.request_id == 9
+    raw.close()
+
+
 @pytest.mark.parametrize("bulk_threads", [0, 2])
 @pytest.mark.parametrize("checksum", [True, False])
 def test_large_transfers_on_bulk_threads_or_the_event_loop(bulk_threads: int, checksum: bool) -> None:
-    """Put payloads of megabytes are read by blocking calls on bulk I/O threads, or on the event loop when
-    no thread is free (0 here): the same bytes either way."""
+    """Put payloads of megabytes are read by blocking calls on bulk I/O threads while another connection is
+    being served, and on the event loop when theirs is the only one or no thread is free (0 here): the
+    same bytes either way."""
     slot = 4 << 20
     with InProcessServer(capacity=24 * slot, slot=slot, bulk_threads=bulk_threads) as srv:
+        counters = srv.server.counters  # type: ignore[union-attr]
         keys = [chunk_key(i, b"bulk") for i in range(10)]
         data = [torch.randint(0, 256, (slot - 4096 * i,), dtype=torch.uint8) for i in range(10)]
         with Client(srv.url, checksum=checksum) as client:
-            client.put_many(keys, data)
+            client.put_many(keys[:5], data[:5])  # the only connection: read on the event loop
+            assert counters["bulk_transfers"] == 0
+            raw, frame, sent = _hold_busy(port_of(srv), slot, chunk_key(99, b"bulk"))
+            assert wait_until(lambda: srv.server.busy_connections == 1, timeout=10)  # type: ignore[union-attr]
+            client.put_many(keys[5:], data[5:])  # served alongside the raw put
+            _finish(raw, frame, sent)
             got = client.get_many(keys)
         for g, d in zip(got, data, strict=True):
             assert g is not None and torch.equal(g, d)
-        transfers = srv.server.counters["bulk_transfers"]  # type: ignore[union-attr]
-        assert (transfers >= len(keys)) if bulk_threads else (transfers == 0)
+        assert counters["bulk_transfers"] >= (5 if bulk_threads else 0)
+        assert counters["bulk_transfers"] <= (6 if bulk_threads else 0)
 
 
 def test_a_writer_that_stalls_mid_payload_is_finished_on_the_event_loop() -> None:
@@ -189,12 +214,16 @@ def test_a_writer_that_stalls_mid_payload_is_finished_on_the_event_loop() -> Non
     only; the rest of its payload is read on the event loop, and other clients are served meanwhile."""
     slot = 4 << 20
     with InProcessServer(capacity=8 * slot, slot=slot, bulk_threads=1) as srv:
+        counters = srv.server.counters  # type: ignore[union-attr]
+        # Another connection in the middle of its own put, so that the stalling one's payload goes to the
+        # bulk thread.
+        busy, busy_frame, busy_sent = _hold_busy(port_of(srv), slot, chunk_key(3, b"stall"))
+        assert wait_until(lambda: srv.server.busy_connections == 1, timeout=10)  # type: ignore[union-attr]
         key = chunk_key(1, b"stall")
         payload = os.urandom(slot)
         raw = Raw(port_of(srv))
         frame = raw.encode(p.Op.PUT, 2, p.PutRequest(key=key), payload, crc=p.checksum(memoryview(payload)))
         head = len(frame) - len(payload)
-        counters = srv.server.counters  # type: ignore[union-attr]
         raw.sock.sendall(frame[: head + slot // 3])
         # the bulk thread gives the stalled payload back to the event loop after its time slice
         assert wait_until(lambda: counters["bulk_handbacks"] >= 1, timeout=10)
@@ -205,6 +234,7 @@ def test_a_writer_that_stalls_mid_payload_is_finished_on_the_event_loop() -> Non
         raw.sock.sendall(frame[head + slot // 3 :])
         reply = raw.frame()
         assert reply.header.opcode == p.Op.PUT and reply.header.request_id == 2
+        _finish(busy, busy_frame, busy_sent)
         raw.close()
         with Client(srv.url) as client:
             got = client.get(key)
