@@ -65,15 +65,25 @@ def median_time(fn: Callable[[], object], repeat: int = 5, warmup: int = 1) -> f
     return statistics.median(times)
 
 
-def interleaved(repeat: int, *fns: Callable[[], object]) -> list[list[float]]:
+#: Pause before each timed call of :func:`interleaved`. torch's OpenMP workers keep spinning for about
+#: 15 ms after a parallel op (libgomp's default spin count), so a call timed right after a ``copy_``
+#: ceiling ran with one core taken: measured with 64 x 256 KiB shm put+get, median 10.5 ms right after a
+#: ``copy_`` round against 8.7 ms after 20 ms of quiet, and no difference with OMP_WAIT_POLICY=passive.
+SETTLE_S = 0.025
+
+
+def interleaved(repeat: int, *fns: Callable[[], object], settle_s: float = SETTLE_S) -> list[list[float]]:
     """Times of each function in each of ``repeat`` rounds (``[round][fn]``, seconds), the functions timed
-    in turns within a round so that all of them see the same machine load (after one untimed call each)."""
+    in turns within a round so that all of them see the same machine load (after one untimed call each),
+    each after ``settle_s`` of quiet so that none inherits the threads the one before left spinning."""
     for fn in fns:
         fn()
     rounds = []
     for _ in range(repeat):
         times = []
         for fn in fns:
+            if settle_s:
+                time.sleep(settle_s)
             start = time.perf_counter()
             fn()
             times.append(time.perf_counter() - start)
