@@ -65,7 +65,7 @@ def median_time(fn: Callable[[], object], repeat: int = 5, warmup: int = 1) -> f
     return statistics.median(times)
 
 
-#: Pause before each timed call of :func:`interleaved`. torch's OpenMP workers keep spinning for about
+#: Quiet before each timed call of :func:`interleaved`. torch's OpenMP workers keep spinning for about
 #: 15 ms after a parallel op (libgomp's default spin count), so a call timed right after a ``copy_``
 #: ceiling ran with one core taken: measured with 64 x 256 KiB shm put+get, median 10.5 ms right after a
 #: ``copy_`` round against 8.7 ms after 20 ms of quiet, and no difference with OMP_WAIT_POLICY=passive.
@@ -74,8 +74,12 @@ SETTLE_S = 0.025
 
 def interleaved(repeat: int, *fns: Callable[[], object], settle_s: float = SETTLE_S) -> list[list[float]]:
     """Times of each function in each of ``repeat`` rounds (``[round][fn]``, seconds), the functions timed
-    in turns within a round so that all of them see the same machine load (after one untimed call each),
-    each after ``settle_s`` of quiet so that none inherits the threads the one before left spinning."""
+    in turns within a round so that all of them see the same machine load.
+
+    Each timed call comes after ``settle_s`` of quiet (so that none inherits threads the one before left
+    spinning) and one untimed call of the same function (so that none pays for waking threads and caches
+    that the quiet put to sleep: on a small VM that cost 0.6-0.8 ms of a 4 ms shm put): each is timed in
+    its steady state."""
     for fn in fns:
         fn()
     rounds = []
@@ -84,6 +88,7 @@ def interleaved(repeat: int, *fns: Callable[[], object], settle_s: float = SETTL
         for fn in fns:
             if settle_s:
                 time.sleep(settle_s)
+            fn()
             start = time.perf_counter()
             fn()
             times.append(time.perf_counter() - start)
