@@ -110,7 +110,11 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
         float, _doc("seconds a reply may wait on a client that does not read before it is disconnected")
     ] = 30.0
     bulk_threads: Annotated[
-        int, _doc("threads reading put payloads over 1 MiB, blocking (0: all on the event loop)")
+        int,
+        _doc(
+            "threads reading put payloads over 1 MiB, blocking, while several connections are served"
+            " (0: all on the event loop)"
+        ),
     ] = 8
 
 
