@@ -19,6 +19,7 @@ from kvstrata.errors import (
 )
 from kvstrata.kvstore.keys import ChunkKey
 from kvstrata.transport import protocol as p
+from kvstrata.transport import tcp
 from kvstrata.transport.base import (
     DEFAULT_PORT,
     parse_url,
@@ -148,6 +149,39 @@ def test_timeouts_are_typed_and_bounded(greet: bool) -> None:
     assert time.monotonic() - start < 2.5
     client.close()
     listener.close()
+
+
+@pytest.mark.parametrize("checksum", [True, False])
+def test_replies_are_read_in_pieces_and_land_whole(checksum: bool) -> None:
+    """GET_MANY payloads are read (and checked) in pieces of about ``RECV_PIECE_BYTES``: chunks larger and
+    smaller than a piece, into outs of their size, larger outs and none, land byte for byte; with checksums,
+    a chunk whose bytes change in the server's memory after the put is a miss, whichever piece it is in."""
+    piece = tcp.RECV_PIECE_BYTES
+    sizes = [2 * piece + 123, 1, piece - 1, 3 * piece, piece + 1, 0, 5000]
+    with (
+        InProcessServer(capacity=16 << 20, slot=4 * piece) as srv,
+        Client(srv.url, checksum=checksum) as client,
+    ):
+        keys = [chunk_key(i, b"pieces") for i in range(len(sizes))]
+        data = [pattern(key, size) for key, size in zip(keys, sizes, strict=True)]
+        client.put_many(keys, data)
+        outs: list[torch.Tensor | None] = [
+            None if i % 3 == 0 else torch.zeros(size + (i % 2) * 7, dtype=torch.uint8)
+            for i, size in enumerate(sizes)
+        ]
+        got = client.get_many(keys, outs)
+        for g, d in zip(got, data, strict=True):
+            assert g is not None and torch.equal(g, d)
+        if not checksum:
+            return
+        handle = srv.store.acquire(keys[0])
+        assert handle is not None
+        with handle:
+            handle.data[piece + 5] ^= 0xFF  # in the chunk's second piece
+        got = client.get_many(keys)
+        assert got[0] is None
+        for g, d in zip(got[1:], data[1:], strict=True):
+            assert g is not None and torch.equal(g, d)
 
 
 def test_corrupt_reply_is_a_miss_never_wrong_bytes() -> None:
