@@ -25,8 +25,8 @@ Leases are per connection and bounded (``MAX_LEASES_PER_CONNECTION``); they expi
 An expired *get* lease unpins the chunk (its slot may be reused; the client's RELEASE learns that and
 reports a miss). An expired *put* lease's slot (reserved or staging) is quarantined until its connection
 closes, because the client may still be writing into it; then a reserved slot is aborted (never visible).
-Put reservations held by all connections together are bounded (:func:`reservation_bound`: half the host
-pool's slots, at least the staging slot count), so that uncommitted puts never take the whole pool. All
+Put reservations held by all connections together are bounded in bytes (:func:`reservation_bound`: half
+the host pool, at least the staging area's size), so that uncommitted puts never take the whole pool. All
 lease state lives on the server's event-loop thread.
 
 Clients pipeline each batch: all LEASE_GETs (or PUT_BEGINs) of a batch's groups go out at once, the client
@@ -201,10 +201,10 @@ class StagingPool:
 
 
 def reservation_bound(pool_bytes: int, slot_bytes: int, staging_slots: int) -> int:
-    """Put reservations all connections together may hold: half the host pool's slots (a put batch is
-    written in place, not staged, while the other half stays for readable chunks), at least as many as
-    there are staging slots."""
-    return max(staging_slots, pool_bytes // max(slot_bytes, 1) // 2)
+    """Bytes of put reservations all connections together may hold: half the host pool (a put batch is
+    written in place, not staged, while the other half stays for readable chunks), at least the staging
+    area's size. In bytes, not slots: a pool sized for 8 MiB chunks takes 32 times as many 256 KiB ones."""
+    return max(staging_slots * slot_bytes, pool_bytes // 2)
 
 
 def slot_bytes_of(config: Any) -> int:
@@ -248,21 +248,24 @@ class LeaseServer:
         staging_position: Callable[[int], int],
         *,
         lease_ttl_s: float = DEFAULT_LEASE_TTL_S,
-        max_reserved: int | None = None,
+        max_reserved_bytes: int | None = None,
     ) -> None:
         self.base = base
         self.staging = staging
         self._locate = locate
         self._staging_position = staging_position
         self.lease_ttl_s = lease_ttl_s
-        #: bound on put reservations held by all connections together (default: the staging slot count)
-        self.max_reserved = staging.num_slots if max_reserved is None else max(0, max_reserved)
+        #: bound on the bytes of put reservations held by all connections together (default: the staging
+        #: area's size)
+        default = staging.num_slots * staging.slot_bytes
+        self.max_reserved_bytes = default if max_reserved_bytes is None else max(0, max_reserved_bytes)
         self._leases: OrderedDict[int, _Lease] = OrderedDict()
         self._per_owner: dict[int, set[int]] = {}
         self._quarantine: dict[int, list[int]] = {}
         self._quarantined_reservations: dict[int, list[Any]] = {}
-        #: put leases holding a Store reservation, all connections together
+        #: put leases holding a Store reservation, all connections together, and their bytes
         self.reserved_puts = 0
+        self.reserved_bytes = 0
         self._next_id = 1
         self._reaper: asyncio.TimerHandle | None = None
         self.counters = {"leases": 0, "expired": 0, "staged_gets": 0, "deferred": 0}
@@ -287,7 +290,7 @@ class LeaseServer:
             lease.handle.release()
             lease.handle = None
         if lease.reserved is not None:
-            self.reserved_puts -= 1
+            self._unreserved(lease.reserved)
             if expired and lease.put:
                 # The client may still be writing into it: hold it (invisible) until the connection ends.
                 self._quarantined_reservations.setdefault(lease.owner, []).append(lease.reserved)
@@ -301,6 +304,11 @@ class LeaseServer:
             else:
                 self.staging.free(lease.staging)
             lease.staging = None
+
+    def _unreserved(self, reservation: Any) -> None:
+        """Count a put reservation as no longer held (committed, aborted or quarantined)."""
+        self.reserved_puts -= 1
+        self.reserved_bytes -= reservation.nbytes
 
     def reap(self, now: float | None = None) -> int:
         """End leases past their deadline (oldest first; they were created in deadline order)."""
@@ -483,10 +491,14 @@ class LeaseServer:
         while i < count and granted < room:
             # Reservations for as many as possible at once (one Store call), then the next one, which
             # got none, gets a staging slot if any is free, and reserving resumes after it.
-            want = min(count - i, room - granted, self.max_reserved - self.reserved_puts)
+            want, budget = 0, self.max_reserved_bytes - self.reserved_bytes
+            while i + want < count and granted + want < room and sizes[i + want] <= budget:
+                budget -= sizes[i + want]
+                want += 1
             got = self._reserve_many(store, sizes[i : i + want]) if want > 0 else []
-            self.reserved_puts += len(got)
             for res, position in got:
+                self.reserved_puts += 1
+                self.reserved_bytes += res.nbytes
                 leases[i] = new_lease(owner, _Lease(owner, deadline, sizes[i], reserved=res, put=True))
                 positions[i] = position
                 i += 1
@@ -552,8 +564,8 @@ class LeaseServer:
             errors = [exc] * len(batched)
         for (index, lease_id, lease), error in zip(batched, errors, strict=True):
             if error is None:
+                self._unreserved(lease.reserved)
                 lease.reserved = None  # committed: nothing left to abort
-                self.reserved_puts -= 1
             else:
                 results[index] = error_code(error)
             lease.put = False
@@ -570,8 +582,8 @@ class LeaseServer:
                 code = "invalid_argument"
             elif reserved is not None and item.size == reserved.nbytes:
                 reserved.commit(item.key, p.chunk_meta(item.meta))  # in place: no copy
+                self._unreserved(reserved)
                 lease.reserved = None  # committed: nothing left to abort
-                self.reserved_puts -= 1
             elif reserved is not None:  # written shorter than reserved: store the bytes written
                 store.put(item.key, reserved.data[: item.size], p.chunk_meta(item.meta))
             else:

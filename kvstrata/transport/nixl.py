@@ -160,7 +160,7 @@ class NixlServerExtension(ServerExtension):
             self._address,
             lambda slot: base + slot * self.slot_bytes,
             lease_ttl_s=self.lease_ttl_s,
-            max_reserved=ls.reservation_bound(pool_bytes, self.slot_bytes, staging.num_slots),
+            max_reserved_bytes=ls.reservation_bound(pool_bytes, self.slot_bytes, staging.num_slots),
         )
         self._handlers = dict(self.leases.handlers())
         log.info("nixl: agent %s registered %d bytes", self.agent.name, sum(n for _, n in self._regions))

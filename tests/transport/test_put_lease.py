@@ -107,15 +107,16 @@ def test_reservations_up_to_the_given_bound_and_past_a_chunk_too_large() -> None
         return off if off >= 0 and off + t.numel() <= pool else None
 
     bound = ls.reservation_bound(pool, SLOT, staging_slots)
-    assert bound == 4 and ls.reservation_bound(2 * SLOT, SLOT, staging_slots) == staging_slots
+    assert bound == 4 * SLOT and ls.reservation_bound(2 * SLOT, SLOT, staging_slots) == staging_slots * SLOT
     staging = ls.StagingPool(seg[pool:], SLOT)
-    leases = ls.LeaseServer(0x40, staging, locate, lambda slot: pool + slot * SLOT, max_reserved=bound)
+    leases = ls.LeaseServer(0x40, staging, locate, lambda slot: pool + slot * SLOT, max_reserved_bytes=bound)
     try:
         # A chunk larger than a slot gets nothing; reserving goes on after it.
         begin = leases.put_begin(1, [SLOT, 2 * SLOT, SLOT, SLOT, SLOT, SLOT, SLOT, SLOT], store)
         where = ["pool" if 0 <= p < pool else "staging" if p >= pool else "none" for p in begin.positions]
         assert where == ["pool", "none", "pool", "pool", "pool", "staging", "staging", "none"]
-        assert leases.reserved_puts == bound and store.tiers[0].used_bytes == bound * SLOT
+        assert leases.reserved_puts == 4 and leases.reserved_bytes == bound
+        assert store.tiers[0].used_bytes == bound
         keys = [os.urandom(16) for _ in begin.leases]
         items = [
             ls.PutCommitItem(lease=lease, key=key, size=SLOT)
@@ -124,6 +125,39 @@ def test_reservations_up_to_the_given_bound_and_past_a_chunk_too_large() -> None
         ]
         assert leases.put_commit(1, store, items).results == [""] * 6
         assert leases.reserved_puts == 0 and leases.active == 0 and staging.free_slots == staging_slots
+        assert leases.reserved_bytes == 0
         assert [store.contains(k) for k in keys] == [True, False, True, True, True, True, True, False]
+    finally:
+        store.close()
+
+
+def test_the_reservation_bound_counts_bytes_so_small_chunks_are_written_in_place() -> None:
+    # Half of a pool of 8 slots is 4 slots' bytes: 16 chunks of a quarter slot each, then staging.
+    pool_slots, staging_slots = 8, 2
+    pool = pool_slots * SLOT
+    seg = torch.zeros(pool + staging_slots * SLOT, dtype=torch.uint8)
+    store = Store([HostTier(pool, SLOT, buffer=seg[:pool])])
+    base = seg.data_ptr()
+
+    def locate(t: torch.Tensor) -> int | None:
+        off = t.data_ptr() - base
+        return off if off >= 0 and off + t.numel() <= pool else None
+
+    bound = ls.reservation_bound(pool, SLOT, staging_slots)
+    staging = ls.StagingPool(seg[pool:], SLOT)
+    leases = ls.LeaseServer(0x40, staging, locate, lambda slot: pool + slot * SLOT, max_reserved_bytes=bound)
+    quarter = SLOT // 4
+    try:
+        begin = leases.put_begin(1, [quarter] * 18, store)
+        in_pool = [0 <= p < pool for p in begin.positions]
+        assert in_pool == [True] * 16 + [False] * 2 and all(p >= pool for p in begin.positions[16:])
+        assert leases.reserved_puts == 16 and leases.reserved_bytes == bound
+        # Ending one reservation frees its bytes for the next PUT_BEGIN.
+        first = ls.PutCommitItem(lease=begin.leases[0], key=os.urandom(16), size=quarter)
+        assert leases.put_commit(1, store, [first]).results == [""]
+        assert leases.reserved_bytes == bound - quarter
+        again = leases.put_begin(1, [quarter, quarter], store)
+        assert [0 <= p < pool for p in again.positions] == [True, False]
+        assert leases.reserved_bytes == bound
     finally:
         store.close()
