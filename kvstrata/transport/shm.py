@@ -27,7 +27,7 @@ import re
 import secrets
 import stat
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 import torch
@@ -38,7 +38,14 @@ from kvstrata.transport import protocol as p
 from kvstrata.transport.base import ServerExtension
 from kvstrata.transport.protocol import Header
 
-__all__ = ["SHM_BASE", "SharedSegment", "ShmAttachReply", "ShmServerExtension", "ShmTransport"]
+__all__ = [
+    "MAX_SEGMENT_BYTES",
+    "SHM_BASE",
+    "SharedSegment",
+    "ShmAttachReply",
+    "ShmServerExtension",
+    "ShmTransport",
+]
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +61,19 @@ class ShmAttachRequest(msgspec.Struct, kw_only=True, omit_defaults=True):
     """SHM_ATTACH: no fields."""
 
 
+#: Bound on a segment's size in an SHM_ATTACH reply. Not a payload size: the host pool is sized from the
+#: machine's RAM and is often larger than the largest frame (4 GiB). Mapping it reserves address space
+#: only; the client checks that the file has exactly this size before mapping it.
+MAX_SEGMENT_BYTES = 1 << 48
+SegmentSize = Annotated[int, msgspec.Meta(ge=0, le=MAX_SEGMENT_BYTES)]
+
+
 class ShmAttachReply(msgspec.Struct, kw_only=True, omit_defaults=True):
     """SHM_ATTACH reply: the segment to map, its size, and where the host pool ends inside it."""
 
     segment: p.ShortText
-    size: p.Size
-    pool_bytes: p.Size = 0
+    size: SegmentSize
+    pool_bytes: SegmentSize = 0
 
 
 p.register_meta(SHM_BASE + ls.ATTACH, ShmAttachRequest, ShmAttachReply)

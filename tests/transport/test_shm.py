@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import os
+import re
 import stat
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import pytest
 import torch
 
 from kvstrata.client import Client
-from kvstrata.errors import AuthenticationError, ConnectError, RequestTimeoutError
+from kvstrata.errors import AuthenticationError, ConnectError, ProtocolError, RequestTimeoutError
 from kvstrata.kvstore.host import HostTier
 from kvstrata.kvstore.store import Store
 from kvstrata.transport import lease as ls
@@ -386,3 +388,37 @@ def test_more_chunks_than_staging_slots_and_a_chunk_too_large(shm_server: ServeP
         # the connection is still in step afterwards
         again = client.get(keys[0])
         assert again is not None and torch.equal(again, datas[0])
+
+
+def test_attach_replies_carry_segments_larger_than_a_frame() -> None:
+    from kvstrata.transport import protocol as p
+    from kvstrata.transport.shm import MAX_SEGMENT_BYTES, SHM_BASE, ShmAttachReply
+
+    op = SHM_BASE + ls.ATTACH
+    big = ShmAttachReply(
+        segment="kvstrata-shm-1-0123456789abcdef", size=6 << 30, pool_bytes=(6 << 30) - (1 << 27)
+    )
+    assert p.decode_meta(op, True, p.encode_meta(big)) == big
+    too_big = ShmAttachReply(segment=big.segment, size=MAX_SEGMENT_BYTES + 1)
+    with pytest.raises(ProtocolError, match="malformed"):
+        p.decode_meta(op, True, p.encode_meta(too_big))
+
+
+def test_a_host_pool_over_4_gib_in_shared_memory(tmp_path: Path) -> None:
+    # The default host cache is sized from RAM, so a server's segment is often larger than 4 GiB (the
+    # largest payload): the client must still attach. The pool's pages are committed only as used.
+    host = (4 << 30) + (256 << 20)
+    st = os.statvfs(SHM_DIR)
+    require(st.f_bavail * st.f_frsize > host + (1 << 30), f"{host >> 20} MiB of free shared memory")
+    server = ServeProcess(tmp_path, "--host-cache", str(host), env=SHM_ENV).start()
+    try:
+        keys = _keys(3)
+        datas = _chunks(3, 1 << 20, seed=5)
+        logged = re.search(r"host pool in shared memory \S+ \((\d+) bytes\)", server.log.read_text())
+        assert logged is not None and int(logged.group(1)) > host  # not the private-memory fallback
+        with Client(_shm_url(server)) as client:
+            client.put_many(keys, datas)
+            got = client.get_many(keys)
+            assert all(g is not None and torch.equal(g, d) for g, d in zip(got, datas, strict=True))
+    finally:
+        _shutdown(server)
