@@ -13,8 +13,10 @@ Keys are spread over several servers by rendezvous hashing (``Client([url1, url2
 small pool of connections; a connection that fails is dropped and the call is retried once on a fresh
 one (so a restarted server is picked up at once); a server that cannot be reached is marked down and
 retried with exponential back-off (``retry_backoff_s``, doubling up to ``max_backoff``, 30 s). While a
-server is down, with several servers its keys go to the next server in rendezvous order, and gets of keys
-it owned are misses; with a single server the call raises :class:`ConnectError`.
+server is down, with several servers its keys go to the next server in rendezvous order, from the call
+that finds it unreachable on (so a chunk put while its owner was down is found where it was put); a server
+that times out is skipped by gets, exists and deletes (misses) and raises from puts. With a single server
+the call raises :class:`ConnectError`.
 
 Every call takes an optional ``timeout`` (seconds; default: the client's). Errors are those of
 :mod:`kvstrata.errors`; OS errors are translated with ``raise ... from exc``.
@@ -269,6 +271,46 @@ class Client:
     def _several(self) -> bool:
         return len(self._servers) > 1
 
+    def _by_server(
+        self,
+        keys: Sequence[bytes],
+        call: Callable[[Transport, list[int]], T],
+        budget: float,
+        *,
+        skip_timeouts: bool,
+    ) -> tuple[list[tuple[list[int], T]], list[int]]:
+        """Run ``call(transport, indices)`` once per server for the ``keys`` it owns.
+
+        With several servers, one found unreachable (``run`` marks it down) hands its keys to the next
+        server in rendezvous order within this call, where later calls send them too; one that times out
+        is skipped when ``skip_timeouts`` (else the timeout is raised). Returns each answering server's
+        (indices, result) and the indices no server took. With one server its errors are raised.
+        """
+        answered: list[tuple[list[int], T]] = []
+        pending = list(range(len(keys)))
+        for _ in self._servers:
+            unreachable: list[int] = []
+            for server, idx in self._group([keys[i] for i in pending]).items():
+                chosen = [pending[j] for j in idx]
+                try:
+                    result = server.run(lambda t, c=chosen: call(t, c), budget)  # type: ignore[misc]
+                except ConnectError:
+                    if not self._several:
+                        raise
+                    log.debug("server %s unavailable; its keys go to the next server", server.address)
+                    unreachable.extend(chosen)
+                    continue
+                except RequestTimeoutError:
+                    if not self._several or not skip_timeouts:
+                        raise
+                    log.debug("server %s timed out; its keys are skipped", server.address)
+                    continue
+                answered.append((chosen, result))
+            pending = unreachable
+            if not pending:
+                break
+        return answered, pending
+
     # -- the API ---------------------------------------------------------------------------------------
     def put(
         self, key: KeyLike, data: BufferLike, meta: ChunkMeta | None = None, *, timeout: float | None = None
@@ -292,10 +334,16 @@ class Client:
         for i, key in enumerate(keys):
             digest, meta = _key_and_meta(key, None if metas is None else metas[i])
             specs.append(PutSpec(digest, _host_bytes(data[i]), meta))
+        answered, left = self._by_server(
+            [spec.key for spec in specs],
+            lambda t, idx: t.put_many([specs[i] for i in idx], budget),
+            budget,
+            skip_timeouts=False,
+        )
+        if left:
+            raise ConnectError(f"no server could be reached for {len(left)} of the chunks")
         first: KVStrataError | None = None
-        for server, idx in self._group([s.key for s in specs]).items():
-            part = [specs[i] for i in idx]
-            results = server.run(lambda t, part=part: t.put_many(part, budget), budget)  # type: ignore[misc]
+        for _, results in answered:
             for error in results:
                 if error is not None and first is None:
                     first = error
@@ -322,16 +370,13 @@ class Client:
             raise InvalidArgumentError("get_many needs as many outs as keys")
         dests = [None if outs is None else _out_bytes(outs[i]) for i in range(len(keys))]
         results: list[torch.Tensor | None] = [None] * len(keys)
-        for server, idx in self._group(digests).items():
-            part_keys = [digests[i] for i in idx]
-            part_outs = [dests[i] for i in idx]
-            try:
-                got = server.run(lambda t, k=part_keys, o=part_outs: t.get_many(k, o, budget), budget)  # type: ignore[misc]
-            except (ConnectError, RequestTimeoutError):
-                if not self._several:
-                    raise
-                log.debug("server %s unavailable; its keys are misses", server.address)
-                continue
+        answered, _ = self._by_server(
+            digests,
+            lambda t, idx: t.get_many([digests[i] for i in idx], [dests[i] for i in idx], budget),
+            budget,
+            skip_timeouts=True,
+        )
+        for idx, got in answered:
             for i, value in zip(idx, got, strict=True):
                 results[i] = value
         return results
@@ -347,13 +392,10 @@ class Client:
         budget = self._timeout(timeout)
         digests = [check_key(k) for k in keys]
         out = [False] * len(digests)
-        for server, idx in self._group(digests).items():
-            try:
-                got = server.run(lambda t, k=[digests[i] for i in idx]: t.exists(k, budget), budget)  # type: ignore[misc]
-            except (ConnectError, RequestTimeoutError):
-                if not self._several:
-                    raise
-                continue
+        answered, _ = self._by_server(
+            digests, lambda t, idx: t.exists([digests[i] for i in idx], budget), budget, skip_timeouts=True
+        )
+        for idx, got in answered:
             for i, value in zip(idx, got, strict=True):
                 out[i] = value
         return out
@@ -384,10 +426,10 @@ class Client:
             keys = [keys]
         budget = self._timeout(timeout)
         digests = [check_key(k) for k in keys]
-        removed = 0
-        for server, idx in self._group(digests).items():
-            got = server.run(lambda t, k=[digests[i] for i in idx]: t.delete(k, budget), budget)  # type: ignore[misc]
-            removed += sum(got)
+        answered, _ = self._by_server(
+            digests, lambda t, idx: t.delete([digests[i] for i in idx], budget), budget, skip_timeouts=True
+        )
+        removed = sum(sum(got) for _, got in answered)
         return removed
 
     def stats(self, *, timeout: float | None = None) -> dict[str, dict[str, Any]]:

@@ -103,6 +103,39 @@ def test_several_servers_spread_keys_and_skip_a_dead_one() -> None:
         second.stop()
 
 
+def test_a_put_that_finds_a_server_dead_sends_its_chunks_to_the_next_one() -> None:
+    first, second = InProcessServer().start(), InProcessServer().start()
+    dead_url = second.url
+    second.stop()  # dead before this client ever reached it: the put is what finds out
+    try:
+        client = Client([first.url, dead_url], timeout=2, retry_backoff=5)
+        keys = [chunk_key(i, b"failover") for i in range(40)]
+        owned_by_dead = [k for k in keys if client._ranked(k)[0].address.url == dead_url]  # noqa: SLF001
+        assert owned_by_dead, "some keys rank the dead server first"
+        client.put_many(keys, [pattern(k, 64) for k in keys])  # no error: the live server took them all
+        assert all(first.store.contains(k) for k in keys)
+        client.close()
+        # A fresh client does not know the owner is dead either: the call that finds out looks for its keys
+        # on the next server, where the put placed them.
+        fresh = Client([dead_url, first.url], timeout=2, retry_backoff=5)
+        got = fresh.get_many(keys)
+        assert all(g is not None and torch.equal(g, pattern(k, 64)) for g, k in zip(got, keys, strict=True))
+        fresh.close()
+        fresh = Client([first.url, dead_url], timeout=2, retry_backoff=5)
+        assert fresh.exists(owned_by_dead) == [True] * len(owned_by_dead)
+        fresh.close()
+        fresh = Client([first.url, dead_url], timeout=2, retry_backoff=5)
+        assert fresh.delete(owned_by_dead) == len(owned_by_dead)
+        assert not any(first.store.contains(k) for k in owned_by_dead)
+        fresh.close()
+        with pytest.raises(ConnectError):  # with every server down, a put still fails loudly
+            lone = Client([dead_url, "kvs://127.0.0.1:1"], timeout=1, retry_backoff=5)
+            lone.put(keys[0], b"nowhere")
+        lone.close()
+    finally:
+        first.stop()
+
+
 def test_single_server_down_raises_and_backs_off() -> None:
     srv = InProcessServer().start()
     url = srv.url
