@@ -4,8 +4,9 @@ The server's host tier is carved from one POSIX shared-memory segment (``/dev/sh
 server's user, followed by a few staging slots). A local client connects over the usual kvs control
 connection (HELLO, auth), then asks for the segment's name with ``SHM_ATTACH`` — the name is never in the
 pre-auth greeting — and maps it. Gets and puts then follow :mod:`kvstrata.transport.lease`: the server pins
-the chunk and returns its offset, the client copies straight between its tensor and the mapping
-(``copy_``, host tensors in one batch) and releases the lease; a put is
+the chunk and returns its offset, the client copies straight between its tensor and the mapping (host
+tensors: memmoves shared by the calling thread and helper threads, see :class:`HostCopier`; device
+tensors: ``copy_``) and releases the lease; a put is
 written straight into a slot reserved in the host pool (``Store.reserve``) and committed in place, with no
 server-side copy; only when no pool slot can be reserved does it go through a staging slot (one copy).
 
@@ -20,13 +21,16 @@ segments whose owning process is gone.
 
 from __future__ import annotations
 
+import ctypes
+import itertools
 import logging
 import mmap
 import os
 import re
 import secrets
 import stat
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Annotated, Any
 
 import msgspec
@@ -41,6 +45,7 @@ from kvstrata.transport.protocol import Header
 __all__ = [
     "MAX_SEGMENT_BYTES",
     "SHM_BASE",
+    "HostCopier",
     "SharedSegment",
     "ShmAttachReply",
     "ShmServerExtension",
@@ -192,6 +197,142 @@ def sweep_stale_segments() -> int:
     return removed
 
 
+#: Pieces a host-to-host batch is cut into, so that the threads copying it share the work evenly.
+_PIECE_BYTES = 1 << 20
+#: Batches smaller than this are copied by the calling thread alone (waking a helper costs more).
+_PARALLEL_MIN_BYTES = 1 << 20
+#: Most helper threads a client process starts (memory bandwidth, not cores, bounds copies beyond).
+_MAX_HELPERS = 3
+# ctypes' foreign calls release the GIL, so helpers copy in parallel with the caller; one memmove per piece
+# (numpy's copyto and torch's copy_ cost microseconds more per call, and torch's copy_ splits each chunk
+# over all of its OpenMP threads with a static split: one descheduled thread stalls the whole copy).
+# Against one torch._foreach_copy_ per batch (OpenMP workers that spin between copies), 64 x 256 KiB: puts
+# 1.1-1.2x slower in bench/transport.py, which times a call right after an untimed one, while the workers
+# still spin; but gets with 5 ms between them 2.1 against 2.3 ms, and with 50 ms (an engine computing
+# between gets) 3.9 against 7.5 ms at a third of the CPU time: the workers sleep by then, and after each
+# batch they spin on the other core for milliseconds.
+_memmove = ctypes.memmove
+
+Piece = tuple[int, int, int]
+
+
+class _Batch:
+    """One batch of pieces ``(destination address, source address, bytes)`` shared by the copying threads."""
+
+    __slots__ = ("error", "next", "pieces")
+
+    def __init__(self, pieces: list[Piece]) -> None:
+        self.pieces = pieces
+        #: the next piece to take: ``next()`` on an itertools.count is atomic under the GIL
+        self.next: Iterator[int] = itertools.count()
+        self.error: BaseException | None = None
+
+    def drain(self) -> None:
+        pieces, count = self.pieces, len(self.pieces)
+        for i in self.next:
+            if i >= count:
+                return
+            dst, src, nbytes = pieces[i]
+            _memmove(dst, src, nbytes)
+
+
+class HostCopier:
+    """Copies a batch of host memory spans with the calling thread plus up to ``helpers`` helper threads.
+
+    Work is shared dynamically (each thread takes the next piece), so a helper that the OS does not run
+    soon (a small machine whose other core is busy) only means the caller copies more itself; it never
+    waits for a helper that has not started. One batch uses the helpers at a time: another thread's batch
+    meanwhile is copied by that thread alone. Helpers are daemon threads started on first use (again in a
+    forked child) and sleep between batches.
+    """
+
+    _start_lock = threading.Lock()
+
+    def __init__(self, helpers: int) -> None:
+        self.helpers = max(0, helpers)
+        self._pid = -1
+        self._use = threading.Lock()
+        self._cv = threading.Condition()
+        self._batch: _Batch | None = None
+        self._serial = 0
+        self._busy = 0
+
+    def copy(self, pieces: list[Piece]) -> None:
+        """Copy every piece; returns once all are done (raises what a copy raised)."""
+        batch = _Batch(pieces)
+        total = 0
+        for piece in pieces:
+            total += piece[2]
+        if self.helpers == 0 or len(pieces) < 2 or total < _PARALLEL_MIN_BYTES:
+            batch.drain()
+            return
+        if self._pid != os.getpid():
+            with self._start_lock:
+                if self._pid != os.getpid():
+                    self._start()
+        if not self._use.acquire(blocking=False):
+            batch.drain()
+            return
+        try:
+            with self._cv:
+                self._batch = batch
+                self._serial += 1
+                self._cv.notify_all()
+            try:
+                batch.drain()
+            finally:
+                with self._cv:
+                    self._batch = None  # a helper that wakes only now finds nothing to join
+                    while self._busy:
+                        self._cv.wait()
+        finally:
+            self._use.release()
+        if batch.error is not None:
+            raise batch.error
+
+    def _start(self) -> None:
+        """Start the helpers (the first time, or in a forked child, where the parent's threads are gone)."""
+        self._use = threading.Lock()
+        self._cv = threading.Condition()
+        self._batch = None
+        self._busy = 0
+        self._pid = os.getpid()
+        for i in range(self.helpers):
+            name = f"kvstrata-shm-copy-{i}"
+            threading.Thread(target=self._helper, args=(self._serial,), name=name, daemon=True).start()
+
+    def _helper(self, seen: int) -> None:
+        cv = self._cv
+        while True:
+            with cv:
+                while self._batch is None or self._serial == seen:
+                    cv.wait()
+                seen = self._serial
+                batch = self._batch
+                self._busy += 1
+            try:
+                batch.drain()
+            except BaseException as exc:  # the caller must not report a piece nobody copied as done
+                batch.error = exc
+            finally:
+                with cv:
+                    self._busy -= 1
+                    if not self._busy:
+                        cv.notify_all()
+
+
+def _helpers() -> int:
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return min(_MAX_HELPERS, cores - 1)
+
+
+#: The process-wide copier of the shm clients.
+_COPIER = HostCopier(_helpers())
+
+
 class ShmServerExtension(ServerExtension):
     """The shm transport's server side: the host pool in a shared segment, leases over the control port."""
 
@@ -334,35 +475,35 @@ class ShmTransport(ls.LeaseTransport):
         self._move(spans, to_segment=True)
 
     def _move(self, spans: Sequence[tuple[int, torch.Tensor]], *, to_segment: bool) -> None:
-        """Copy between each local tensor and its span of the segment, all with one batched ``copy_``.
-
-        torch splits each copy over its OpenMP threads, which spin between copies: measured at 64 chunks
-        of 256 KiB into the mapping, 1.8x as fast as memmoves shared with a helper thread woken per batch
-        (the wake-up and the GIL hand-offs between pieces cost more than a 256 KiB memmove), and as fast
-        at 8 MiB chunks.
-        """
+        """Copy between each local tensor and its span of the segment: host tensors as one batch of
+        memmoves shared by the copier's threads, device tensors with ``copy_`` (straight to/from the
+        mapping)."""
         seg = self._mapping()
         mapping = seg.tensor  # held until the copies are done: the mapping cannot be closed under them
+        base = mapping.data_ptr()
         size = seg.size
-        theirs: list[torch.Tensor] = []
-        ours: list[torch.Tensor] = []
+        pieces: list[Piece] = []
+        uint8 = torch.uint8
         for position, local in spans:
             n = local.numel()
             if position < 0 or position + n > size:
                 raise ProtocolError(f"{self.address}: span {position}+{n} outside the {size}-byte segment")
-            there = mapping.narrow(0, position, n)
-            if local.is_cpu:
-                theirs.append(there)
-                ours.append(local)
-            elif to_segment:  # a device tensor: its own copy (one batch takes tensors of one device)
-                there.copy_(local)
-            else:
-                local.copy_(there)
-        if theirs:
-            if to_segment:
-                torch._foreach_copy_(theirs, ours)
-            else:
-                torch._foreach_copy_(ours, theirs)
+            if not (local.is_cpu and local.dtype is uint8 and local.is_contiguous()):
+                there = mapping.narrow(0, position, n)
+                if to_segment:
+                    there.copy_(local)
+                else:
+                    local.copy_(there)
+                continue
+            ptr = local.data_ptr()
+            dst, src = (base + position, ptr) if to_segment else (ptr, base + position)
+            if n <= _PIECE_BYTES:
+                pieces.append((dst, src, n))
+                continue
+            for offset in range(0, n, _PIECE_BYTES):
+                pieces.append((dst + offset, src + offset, min(_PIECE_BYTES, n - offset)))
+        if pieces:
+            _COPIER.copy(pieces)
         del mapping
 
     def close(self) -> None:

@@ -110,7 +110,7 @@ def test_a_put_that_finds_a_server_dead_sends_its_chunks_to_the_next_one() -> No
     try:
         client = Client([first.url, dead_url], timeout=2, retry_backoff=5)
         keys = [chunk_key(i, b"failover") for i in range(40)]
-        owned_by_dead = [k for k in keys if client._ranked(k)[0].address.url == dead_url]  # noqa: SLF001
+        owned_by_dead = [k for k in keys if client._ranked(k)[0].address.url == dead_url]
         assert owned_by_dead, "some keys rank the dead server first"
         client.put_many(keys, [pattern(k, 64) for k in keys])  # no error: the live server took them all
         assert all(first.store.contains(k) for k in keys)
