@@ -95,8 +95,9 @@ def test_reservations_are_bounded_then_staging_then_none() -> None:
         store.close()
 
 
-def test_reservations_up_to_the_given_bound_and_past_a_chunk_too_large() -> None:
-    pool_slots, staging_slots = 8, 2
+def _shared_pool(pool_slots: int, staging_slots: int) -> tuple[Store, ls.LeaseServer, int, int]:
+    """A Store whose host pool is the head of one segment, and a LeaseServer bounded by
+    :func:`reservation_bound`, as the shm extension builds them; returns (store, leases, pool, bound)."""
     pool = pool_slots * SLOT
     seg = torch.zeros(pool + staging_slots * SLOT, dtype=torch.uint8)
     store = Store([HostTier(pool, SLOT, buffer=seg[:pool])])
@@ -107,9 +108,16 @@ def test_reservations_up_to_the_given_bound_and_past_a_chunk_too_large() -> None
         return off if off >= 0 and off + t.numel() <= pool else None
 
     bound = ls.reservation_bound(pool, SLOT, staging_slots)
-    assert bound == 4 * SLOT and ls.reservation_bound(2 * SLOT, SLOT, staging_slots) == staging_slots * SLOT
     staging = ls.StagingPool(seg[pool:], SLOT)
     leases = ls.LeaseServer(0x40, staging, locate, lambda slot: pool + slot * SLOT, max_reserved_bytes=bound)
+    return store, leases, pool, bound
+
+
+def test_reservations_up_to_the_given_bound_and_past_a_chunk_too_large() -> None:
+    staging_slots = 2
+    store, leases, pool, bound = _shared_pool(8, staging_slots)
+    staging = leases.staging
+    assert bound == 4 * SLOT and ls.reservation_bound(2 * SLOT, SLOT, staging_slots) == staging_slots * SLOT
     try:
         # A chunk larger than a slot gets nothing; reserving goes on after it.
         begin = leases.put_begin(1, [SLOT, 2 * SLOT, SLOT, SLOT, SLOT, SLOT, SLOT, SLOT], store)
@@ -133,19 +141,7 @@ def test_reservations_up_to_the_given_bound_and_past_a_chunk_too_large() -> None
 
 def test_the_reservation_bound_counts_bytes_so_small_chunks_are_written_in_place() -> None:
     # Half of a pool of 8 slots is 4 slots' bytes: 16 chunks of a quarter slot each, then staging.
-    pool_slots, staging_slots = 8, 2
-    pool = pool_slots * SLOT
-    seg = torch.zeros(pool + staging_slots * SLOT, dtype=torch.uint8)
-    store = Store([HostTier(pool, SLOT, buffer=seg[:pool])])
-    base = seg.data_ptr()
-
-    def locate(t: torch.Tensor) -> int | None:
-        off = t.data_ptr() - base
-        return off if off >= 0 and off + t.numel() <= pool else None
-
-    bound = ls.reservation_bound(pool, SLOT, staging_slots)
-    staging = ls.StagingPool(seg[pool:], SLOT)
-    leases = ls.LeaseServer(0x40, staging, locate, lambda slot: pool + slot * SLOT, max_reserved_bytes=bound)
+    store, leases, pool, bound = _shared_pool(8, 2)
     quarter = SLOT // 4
     try:
         begin = leases.put_begin(1, [quarter] * 18, store)

@@ -7,7 +7,7 @@ import ctypes
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -26,6 +26,24 @@ def _pieces(src: torch.Tensor, dst: torch.Tensor, sizes: list[int]) -> list[tupl
         pieces.append((dst.data_ptr() + end, src.data_ptr() + offset, n))
         offset += n
     return pieces
+
+
+def _in_threads(worker: Callable[[int], None], count: int = 4) -> None:
+    """Run ``worker(seed)`` in ``count`` threads at once; fail with what any of them raised."""
+    errors: list[BaseException] = []
+
+    def guarded(seed: int) -> None:
+        try:
+            worker(seed)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=guarded, args=(seed,)) for seed in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
 
 
 def _reference(src: torch.Tensor, sizes: list[int]) -> torch.Tensor:
@@ -48,26 +66,17 @@ def test_every_piece_lands_where_it_belongs(helpers: int) -> None:
 
 def test_batches_of_several_threads_at_once_are_all_copied() -> None:
     copier = HostCopier(2)
-    errors: list[BaseException] = []
 
     def worker(seed: int) -> None:
-        try:
-            gen = torch.Generator().manual_seed(seed)
-            for _ in range(20):
-                sizes = [int(s) for s in torch.randint(1, 1 << 20, (16,), generator=gen)]
-                src = torch.randint(0, 256, (sum(sizes),), dtype=torch.uint8, generator=gen)
-                dst = torch.zeros_like(src)
-                copier.copy(_pieces(src, dst, sizes))
-                assert torch.equal(dst, _reference(src, sizes)), f"thread {seed}: wrong bytes"
-        except BaseException as exc:
-            errors.append(exc)
+        gen = torch.Generator().manual_seed(seed)
+        for _ in range(20):
+            sizes = [int(x) for x in torch.randint(1, 1 << 20, (16,), generator=gen)]
+            src = torch.randint(0, 256, (sum(sizes),), dtype=torch.uint8, generator=gen)
+            dst = torch.zeros_like(src)
+            copier.copy(_pieces(src, dst, sizes))
+            assert torch.equal(dst, _reference(src, sizes)), f"thread {seed}: wrong bytes"
 
-    threads = [threading.Thread(target=worker, args=(seed,)) for seed in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert not errors, errors
+    _in_threads(worker)
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
@@ -153,25 +162,16 @@ def test_a_span_outside_the_segment_is_refused_before_anything_is_copied(mapped:
 
 
 def test_spans_from_several_threads_at_once_are_all_copied(mapped: ShmTransport) -> None:
-    errors: list[BaseException] = []
     region = (8 << 20) // 4
 
     def worker(seed: int) -> None:
-        try:
-            gen = torch.Generator().manual_seed(seed)
-            for _ in range(10):
-                spans = [(seed * region + pos, n) for pos, n in _layout(gen, 6, region)]
-                sources = [torch.randint(0, 256, (n,), dtype=torch.uint8, generator=gen) for _, n in spans]
-                mapped._write_many([(pos, s) for (pos, _), s in zip(spans, sources, strict=True)])
-                outs = [torch.empty(n, dtype=torch.uint8) for _, n in spans]
-                mapped._read_many([(pos, o) for (pos, _), o in zip(spans, outs, strict=True)])
-                assert all(torch.equal(o, s) for o, s in zip(outs, sources, strict=True)), seed
-        except BaseException as exc:
-            errors.append(exc)
+        gen = torch.Generator().manual_seed(seed)
+        for _ in range(10):
+            spans = [(seed * region + pos, n) for pos, n in _layout(gen, 6, region)]
+            sources = [torch.randint(0, 256, (n,), dtype=torch.uint8, generator=gen) for _, n in spans]
+            mapped._write_many([(pos, src) for (pos, _), src in zip(spans, sources, strict=True)])
+            outs = [torch.empty(n, dtype=torch.uint8) for _, n in spans]
+            mapped._read_many([(pos, out) for (pos, _), out in zip(spans, outs, strict=True)])
+            assert all(torch.equal(o, src) for o, src in zip(outs, sources, strict=True)), seed
 
-    threads = [threading.Thread(target=worker, args=(seed,)) for seed in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert not errors, errors
+    _in_threads(worker)
