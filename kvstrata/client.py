@@ -15,8 +15,8 @@ one (so a restarted server is picked up at once); a server that cannot be reache
 retried with exponential back-off (``retry_backoff_s``, doubling up to ``max_backoff``, 30 s). While a
 server is down, with several servers its keys go to the next server in rendezvous order, from the call
 that finds it unreachable on (so a chunk put while its owner was down is found where it was put); a server
-that times out is skipped by gets, exists and deletes (misses) and raises from puts. With a single server
-the call raises :class:`ConnectError`.
+that times out is skipped by gets, exists and deletes (misses) and raises from puts. With a single server,
+or once every server is down, the call raises :class:`ConnectError`.
 
 Every call takes an optional ``timeout`` (seconds; default: the client's). Errors are those of
 :mod:`kvstrata.errors`; OS errors are translated with ``raise ... from exc``.
