@@ -14,7 +14,7 @@ A and B swap places every other round. One JSON object per direction on stdout (
 and ``paired_ratio`` the median over rounds of each round's B / A (the figure to read on a machine whose
 speed swings); ``a_vs_socketpair`` and ``b_vs_socketpair`` are the paired medians of each against the
 socket pair. Used for the measured figures quoted in the code comments of the tcp path (frame sizes,
-the GET_MANY ramp, bulk threads, reply writes).
+bulk threads, reply writes, and the GET_MANY ramp, since dropped as within the noise).
 """
 
 from __future__ import annotations
