@@ -16,7 +16,8 @@ retried with exponential back-off (``retry_backoff_s``, doubling up to ``max_bac
 server is down, with several servers its keys go to the next server in rendezvous order, from the call
 that finds it unreachable on (so a chunk put while its owner was down is found where it was put); a server
 that times out is skipped by gets, exists and deletes (misses) and raises from puts. With a single server,
-or once every server is down, the call raises :class:`ConnectError`.
+or once every server is down, the call raises :class:`ConnectError`. ``stats()`` and ``ping()`` report a
+server that does not answer beside the others (see :meth:`Client.stats`).
 
 Every call takes an optional ``timeout`` (seconds; default: the client's). Errors are those of
 :mod:`kvstrata.errors`; OS errors are translated with ``raise ... from exc``.
@@ -77,6 +78,11 @@ def _key_and_meta(key: KeyLike, meta: ChunkMeta | None) -> tuple[bytes, ChunkMet
         blocks = getattr(key, "block_keys", None)
         meta = ChunkMeta(block_keys=tuple(blocks)) if blocks else EMPTY_META
     return digest, meta
+
+
+def _error_entry(exc: KVStrataError) -> dict[str, str]:
+    """What :meth:`Client.stats` reports for a server that did not answer."""
+    return {"type": type(exc).__name__, "message": str(exc)}
 
 
 def _host_bytes(data: BufferLike) -> torch.Tensor:
@@ -433,14 +439,48 @@ class Client:
         return removed
 
     def stats(self, *, timeout: float | None = None) -> dict[str, dict[str, Any]]:
-        """Per server URL: ``{"tiers": {tier: counters}, "server": counters}``."""
-        budget = self._timeout(timeout)
-        return {s.address.url: s.run(lambda t: t.stats(budget), budget) for s in self._servers}
+        """Per server URL: ``{"tiers": {tier: counters}, "server": counters}``.
 
-    def ping(self, *, timeout: float | None = None) -> dict[str, float]:
-        """Round-trip time per server URL, in seconds."""
+        With several servers, one that cannot be reached or does not answer in time reports
+        ``{"error": {"type": ..., "message": ...}}`` instead (the type: ``"ConnectError"`` or
+        ``"RequestTimeoutError"``); :class:`ConnectError` only when no server answers.
+        """
         budget = self._timeout(timeout)
-        return {s.address.url: s.run(lambda t: t.ping(budget), budget) for s in self._servers}
+        out: dict[str, dict[str, Any]] = {}
+        for url, got in self._each_server(lambda t: t.stats(budget), budget).items():
+            out[url] = got if not isinstance(got, KVStrataError) else {"error": _error_entry(got)}
+        return out
+
+    def ping(self, *, timeout: float | None = None) -> dict[str, float | None]:
+        """Round-trip time per server URL, in seconds.
+
+        With several servers, one that cannot be reached or does not answer in time maps to ``None``;
+        :class:`ConnectError` only when no server answers.
+        """
+        budget = self._timeout(timeout)
+        return {
+            url: None if isinstance(got, KVStrataError) else got
+            for url, got in self._each_server(lambda t: t.ping(budget), budget).items()
+        }
+
+    def _each_server(self, call: Callable[[Transport], T], budget: float) -> dict[str, T | KVStrataError]:
+        """``call`` on every server, in turn; per URL its result or, with several servers, the
+        :class:`ConnectError` or :class:`RequestTimeoutError` it raised. One server: its error is raised,
+        as it is when no server answers."""
+        out: dict[str, T | KVStrataError] = {}
+        failed: list[KVStrataError] = []
+        for server in self._servers:
+            try:
+                out[server.address.url] = server.run(call, budget)
+            except (ConnectError, RequestTimeoutError) as exc:
+                if not self._several:
+                    raise
+                log.debug("server %s did not answer: %s", server.address, exc)
+                out[server.address.url] = exc
+                failed.append(exc)
+        if len(failed) == len(self._servers):
+            raise ConnectError(f"no server answered ({failed[0]})") from failed[0]
+        return out
 
     def close(self) -> None:
         """Close every pooled connection; idempotent."""
@@ -538,7 +578,7 @@ class AsyncClient:
         """See :meth:`Client.stats`."""
         return await self._run(self._client.stats, timeout=timeout)
 
-    async def ping(self, *, timeout: float | None = None) -> dict[str, float]:
+    async def ping(self, *, timeout: float | None = None) -> dict[str, float | None]:
         """See :meth:`Client.ping`."""
         return await self._run(self._client.ping, timeout=timeout)
 

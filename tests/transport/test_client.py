@@ -136,6 +136,36 @@ def test_a_put_that_finds_a_server_dead_sends_its_chunks_to_the_next_one() -> No
         first.stop()
 
 
+def test_stats_and_ping_report_the_servers_that_do_not_answer() -> None:
+    """With several servers, a dead one and a silent one (it greets, then never answers) are reported in
+    stats and ping beside the live one's figures; only when none answers do they raise."""
+    live = InProcessServer().start()
+    dead = InProcessServer().start()
+    dead_url = dead.url
+    dead.stop()
+    silent, _thread = _silent_server(True)
+    silent_url = f"kvs://127.0.0.1:{silent.getsockname()[1]}"
+    try:
+        with Client([live.url, dead_url, silent_url], timeout=0.5, retry_backoff=5) as client:
+            live.store.put(chunk_key(1, b"stats"), pattern(chunk_key(1, b"stats"), 100))
+            stats = client.stats()
+            assert list(stats) == [live.url, dead_url, silent_url]
+            assert stats[live.url]["tiers"]["host"]["chunks"] == 1
+            assert stats[dead_url]["error"]["type"] == "ConnectError"
+            assert stats[silent_url]["error"]["type"] == "RequestTimeoutError"
+            times = client.ping()
+            assert times[dead_url] is None and times[silent_url] is None
+            assert isinstance(times[live.url], float) and times[live.url] > 0
+        with Client([dead_url, "kvs://127.0.0.1:1"], timeout=0.5, retry_backoff=5) as nobody:
+            with pytest.raises(ConnectError, match="no server answered"):
+                nobody.stats()
+            with pytest.raises(ConnectError, match="no server answered"):
+                nobody.ping()
+    finally:
+        live.stop()
+        silent.close()
+
+
 def test_single_server_down_raises_and_backs_off() -> None:
     srv = InProcessServer().start()
     url = srv.url
