@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from kvstrata.errors import ProtocolError
+from kvstrata.transport import shm
 from kvstrata.transport.base import ServerAddress, TransportOptions
 from kvstrata.transport.shm import HostCopier, SharedSegment, ShmTransport
 
@@ -113,6 +114,36 @@ def test_a_forked_child_starts_its_own_helpers() -> None:
             pytest.fail("the forked child did not finish its copy")
         time.sleep(0.05)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def _pinned_copy(copier: HostCopier, cpu: int, pieces: list[tuple[int, int, int]]) -> None:
+    """One copy with the calling thread pinned to ``cpu`` (its affinity restored after)."""
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpu})
+    try:
+        copier.copy(pieces)
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+@pytest.mark.skipif(shm._CPU is None or len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs, sched_getcpu")
+def test_the_helpers_are_kept_off_the_callers_cpu() -> None:
+    src = torch.randint(0, 256, (4 << 20,), dtype=torch.uint8)
+    dst = torch.zeros_like(src)
+    pieces = _pieces(src, dst, [1 << 20] * 4)
+    copier = HostCopier(2)
+    copier.copy(pieces)  # helpers started while the caller may run anywhere: they may too
+    allowed = os.sched_getaffinity(0)
+    deadline = time.monotonic() + 30
+    while len(copier._tids) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(copier._tids) == 2
+    for cpu in sorted(allowed)[:2]:
+        dst.zero_()
+        _pinned_copy(copier, cpu, pieces)
+        assert torch.equal(dst, _reference(src, [1 << 20] * 4))
+        # Every helper may run on every allowed CPU but the caller's.
+        assert [os.sched_getaffinity(tid) for tid in copier._tids] == [allowed - {cpu}] * 2
 
 
 @pytest.fixture
