@@ -257,7 +257,7 @@ class HostCopier:
     forked child) and sleep between batches.
 
     The helpers are kept off the CPU the caller runs on (their affinity is every allowed CPU but that
-    one, updated when the caller moves). Linux wakes a sleeping thread on its waker's CPU, where it
+    one, updated when the caller moves). Linux often wakes a sleeping thread on its waker's CPU, where it
     preempts the waker: on a 2-core machine a woken helper took the caller's CPU and copied the batch
     alone while the other core idled (measured, 64 x 256 KiB after 25 ms of quiet: the caller's first
     memmove took 1.7 ms, the helper did 63 of 64 pieces, and two threads copied no faster than one).
