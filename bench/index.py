@@ -104,8 +104,8 @@ def bench_events_ingest() -> None:
     import msgspec
     import zmq
 
+    from kvstrata.core.keys import Namespace
     from kvstrata.index.events import EngineEndpoint, EventIngester
-    from kvstrata.kvstore.keys import Namespace
 
     block_size, blocks_per_event, batches = 16, 32, 300
     payloads = []

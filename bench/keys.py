@@ -18,8 +18,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench._common import best_time, emit, log
-from kvstrata.kvstore.keys import Namespace, block_keys
-from kvstrata.kvstore.layout import KVLayout
+from kvstrata.core.keys import Namespace, block_keys
+from kvstrata.core.layout import KVLayout
 
 
 def main() -> None:

@@ -207,8 +207,8 @@ def bench_disk() -> None:
     import torch
 
     from bench._common import emit, gib_per_s, log
+    from kvstrata.core.chunk import ChunkMeta
     from kvstrata.kvstore.disk import DiskTier
-    from kvstrata.kvstore.tier import ChunkMeta
 
     def plain_write(paths: list[str], chunks: list[torch.Tensor], fsync: bool) -> None:
         for path, chunk in zip(paths, chunks, strict=True):

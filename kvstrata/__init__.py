@@ -14,15 +14,15 @@ __version__ = "0.1.0"
 _EXPORTS: dict[str, str] = {
     "AsyncClient": "kvstrata.client",
     "Client": "kvstrata.client",
-    "ChunkKey": "kvstrata.kvstore.keys",
+    "ChunkKey": "kvstrata.core.keys",
     "ChunkMeta": "kvstrata.kvstore.tier",
-    "KVLayout": "kvstrata.kvstore.layout",
+    "KVLayout": "kvstrata.core.layout",
     "KVStrataConfig": "kvstrata.config",
     "KVStrataError": "kvstrata.errors",
-    "Namespace": "kvstrata.kvstore.keys",
+    "Namespace": "kvstrata.core.keys",
     "Store": "kvstrata.kvstore.store",
-    "block_keys": "kvstrata.kvstore.keys",
-    "chunk_keys": "kvstrata.kvstore.keys",
+    "block_keys": "kvstrata.core.keys",
+    "chunk_keys": "kvstrata.core.keys",
     "load_config": "kvstrata.config",
 }
 

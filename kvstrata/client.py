@@ -37,14 +37,15 @@ from typing import Any, TypeVar, overload
 import torch
 
 from kvstrata.config import ClientConfig
+from kvstrata.core.buffers import BufferLike, as_byte_tensor
+from kvstrata.core.chunk import EMPTY_META, ChunkMeta, check_key
+from kvstrata.core.keys import ChunkKey
 from kvstrata.errors import (
     ConnectError,
     InvalidArgumentError,
     KVStrataError,
     RequestTimeoutError,
 )
-from kvstrata.kvstore.keys import ChunkKey
-from kvstrata.kvstore.tier import EMPTY_META, BufferLike, ChunkMeta, as_byte_tensor, check_key
 from kvstrata.transport.base import (
     PrefixResult,
     PutSpec,
@@ -59,7 +60,7 @@ __all__ = ["AsyncClient", "Client", "KeyLike"]
 
 log = logging.getLogger(__name__)
 
-#: A chunk key: a 16-byte digest, or a :class:`kvstrata.kvstore.keys.ChunkKey`.
+#: A chunk key: a 16-byte digest, or a :class:`kvstrata.core.keys.ChunkKey`.
 KeyLike = Any
 
 

@@ -1,6 +1,6 @@
 """The ``BlockIndex`` contract: which instance holds which blocks, in which tier.
 
-An index maps 16-byte block keys (:func:`kvstrata.kvstore.keys.block_keys`) to the (instance, tier) pairs
+An index maps 16-byte block keys (:func:`kvstrata.core.keys.block_keys`) to the (instance, tier) pairs
 that hold them. It answers one question fast: for a prompt's block keys, how long a consecutive prefix does
 each live instance hold, and how deep does that prefix reach in each of its tiers.
 
@@ -43,8 +43,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from kvstrata.core.keys import KEY_BYTES
 from kvstrata.errors import IndexError_, InvalidArgumentError
-from kvstrata.kvstore.keys import KEY_BYTES
 
 if TYPE_CHECKING:
     from kvstrata.config import IndexConfig

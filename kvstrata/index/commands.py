@@ -35,8 +35,8 @@ _ZERO_FP = "0" * 32
 
 
 def _namespace(model: str, fingerprint: str, salt: str) -> Any:
+    from kvstrata.core.keys import Namespace
     from kvstrata.errors import InvalidArgumentError
-    from kvstrata.kvstore.keys import Namespace
 
     try:
         raw = bytes.fromhex(fingerprint)
@@ -158,8 +158,8 @@ def query(
     try:
         if backend is not None:
             from kvstrata.config import IndexConfig
+            from kvstrata.core.keys import block_keys
             from kvstrata.index.base import open_index
-            from kvstrata.kvstore.keys import block_keys
 
             ns = _namespace(model, fingerprint, salt)
             index = open_index(backend, namespace=ns.id.hex(), config=IndexConfig(redis_timeout_s=timeout))

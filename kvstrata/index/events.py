@@ -12,7 +12,7 @@ and trailing elements are ignored:
 - ``AllBlocksCleared``: (kvstrata also reads an optional ``medium``)
 
 Re-keying: the engine's block hashes depend on its hash function and seed, so each ``BlockStored`` is
-re-keyed from its token ids with kvstrata's key scheme (:func:`kvstrata.kvstore.keys.block_keys`), chained
+re-keyed from its token ids with kvstrata's key scheme (:func:`kvstrata.core.keys.block_keys`), chained
 from the kvstrata key of ``parent_block_hash``; the engine-hash -> key map (bounded, LRU) is kept per engine
 so that ``BlockRemoved`` can be applied. A block whose parent is unknown (its event was missed or
 forgotten) cannot be keyed: it is skipped and counted. Extra keys: the event's per-block ``extra_keys``
@@ -48,9 +48,9 @@ from urllib.parse import parse_qs, urlsplit
 
 import msgspec
 
+from kvstrata.core.keys import KEY_BYTES, ROOT_PARENT, ExtraKey, Namespace, block_keys
 from kvstrata.errors import InvalidArgumentError, KVStrataError
 from kvstrata.index.base import TIERS, BlockIndex
-from kvstrata.kvstore.keys import KEY_BYTES, ROOT_PARENT, ExtraKey, Namespace, block_keys
 
 __all__ = [
     "DEFAULT_MEDIUM_TIERS",

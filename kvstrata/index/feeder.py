@@ -21,8 +21,9 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Protocol
 
+from kvstrata.core.chunk import ChunkMeta
 from kvstrata.index.base import BlockIndex, RateLimitedLog
-from kvstrata.kvstore.tier import ChunkMeta, TierEvent, TierListener
+from kvstrata.kvstore.tier import TierEvent, TierListener
 
 __all__ = ["IndexFeeder"]
 

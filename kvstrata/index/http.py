@@ -23,9 +23,9 @@ import msgspec
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from kvstrata.core.keys import Namespace, block_keys
 from kvstrata.errors import InvalidArgumentError
 from kvstrata.index.base import BlockIndex
-from kvstrata.kvstore.keys import Namespace, block_keys
 
 if TYPE_CHECKING:
     from kvstrata.index.events import EventIngester

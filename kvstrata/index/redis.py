@@ -35,6 +35,7 @@ from collections import deque
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from kvstrata.core.keys import KEY_BYTES
 from kvstrata.errors import IndexUnavailableError, InvalidArgumentError
 from kvstrata.index.base import (
     TIERS,
@@ -49,7 +50,6 @@ from kvstrata.index.base import (
     tier_index,
 )
 from kvstrata.index.redis_scripts import INSTANCES, WALK, WRITE
-from kvstrata.kvstore.keys import KEY_BYTES
 
 if TYPE_CHECKING:
     from kvstrata.config import IndexConfig

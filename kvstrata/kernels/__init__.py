@@ -1,7 +1,7 @@
 """GPU data movement: paged gather/scatter and KV compression (Triton kernels with torch references).
 
 The connector calls one function per operation, for any engine layout of
-:data:`kvstrata.kvstore.layout.ENGINE_LAYOUTS`::
+:data:`kvstrata.core.layout.ENGINE_LAYOUTS`::
 
     chunk = gather(kv_caches, block_ids, engine_layout="kv_first_nhd", codec="fp8")
     scatter(chunk, kv_caches, other_block_ids, engine_layout="kv_first_nhd")   # codec read from the header

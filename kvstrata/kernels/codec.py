@@ -31,8 +31,8 @@ import struct
 import zlib
 from dataclasses import dataclass
 
+from kvstrata.core.layout import ENGINE_LAYOUTS
 from kvstrata.errors import ChunkFormatError, InvalidArgumentError, LayoutError
-from kvstrata.kvstore.layout import ENGINE_LAYOUTS
 
 __all__ = [
     "ALIGN",

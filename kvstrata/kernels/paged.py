@@ -1,7 +1,7 @@
 """Reading an engine's paged KV tensors: shapes, strides, and where each layer lives.
 
 :func:`describe_caches` checks a list of per-layer paged tensors against one of the engine layouts of
-:data:`kvstrata.kvstore.layout.ENGINE_LAYOUTS` and returns a :class:`PagedCaches`: the geometry every
+:data:`kvstrata.core.layout.ENGINE_LAYOUTS` and returns a :class:`PagedCaches`: the geometry every
 kernel (Triton or torch) needs. All layers must share shape, strides, dtype and device; they may be
 separate allocations (a GPU engine) or views of one buffer (vLLM's CPU backend). A (block, K-or-V) slab
 must be contiguous, which holds for every layout vLLM allocates; only the block and K/V strides are free.
@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
+from kvstrata.core.layout import ENGINE_LAYOUTS
 from kvstrata.errors import InvalidArgumentError, LayoutError, UnsupportedLayoutError
 from kvstrata.kernels.codec import KV_DTYPES, QUANTISABLE_DTYPES, ChunkSpec
-from kvstrata.kvstore.layout import ENGINE_LAYOUTS
 
 __all__ = ["BlockIds", "PagedCaches", "as_block_ids", "as_layer_list", "describe_caches", "prepare_block_ids"]
 

@@ -54,6 +54,9 @@ from pathlib import Path
 
 import torch
 
+from kvstrata.core.buffers import BufferLike, as_byte_tensor
+from kvstrata.core.chunk import EMPTY_META, ChunkHandle, ChunkMeta, check_key
+from kvstrata.core.keys import KEY_BYTES
 from kvstrata.errors import (
     ChunkTooLargeError,
     InvalidArgumentError,
@@ -71,16 +74,7 @@ from kvstrata.kvstore.diskformat import (
     encode_header,
 )
 from kvstrata.kvstore.eviction import make_policy
-from kvstrata.kvstore.keys import KEY_BYTES
-from kvstrata.kvstore.tier import (
-    EMPTY_META,
-    BufferLike,
-    ChunkHandle,
-    ChunkMeta,
-    Tier,
-    as_byte_tensor,
-    check_key,
-)
+from kvstrata.kvstore.tier import Tier
 
 __all__ = ["DiskTier", "RecoveryReport"]
 

@@ -16,9 +16,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from kvstrata.core.chunk import ChunkMeta
+from kvstrata.core.keys import KEY_BYTES
 from kvstrata.errors import InvalidArgumentError
-from kvstrata.kvstore.keys import KEY_BYTES
-from kvstrata.kvstore.tier import ChunkMeta
 
 _xxhash: Any
 try:  # optional: a much faster checksum than CRC-32

@@ -31,32 +31,14 @@ from functools import partial
 
 import torch
 
+from kvstrata.core.buffers import BufferLike, as_byte_tensor
+from kvstrata.core.chunk import EMPTY_META, ChunkHandle, ChunkMeta, check_key
 from kvstrata.errors import ChunkTooLargeError, InvalidArgumentError, StoreError, TierFullError, TierIOError
 from kvstrata.kvstore.eviction import make_policy
 from kvstrata.kvstore.pool import SlotPool
-from kvstrata.kvstore.tier import (
-    EMPTY_META,
-    BufferLike,
-    ChunkHandle,
-    ChunkMeta,
-    Tier,
-    as_byte_tensor,
-    check_key,
-)
+from kvstrata.kvstore.tier import Tier
 
 __all__ = ["PooledTier", "SlotReservation"]
-
-
-def _as_bytes(data: BufferLike) -> torch.Tensor:
-    # The hot path's common case, a flat uint8 tensor, needs no new view object.
-    if (
-        isinstance(data, torch.Tensor)
-        and data.dtype == torch.uint8
-        and data.dim() == 1
-        and data.is_contiguous()
-    ):
-        return data
-    return as_byte_tensor(data)
 
 
 class _Entry:
@@ -354,7 +336,7 @@ class PooledTier(Tier):
         ``if_absent=True`` (the Store promoting a chunk) keeps a value that another thread stored meanwhile
         instead of replacing it with this, possibly older, one.
         """
-        src = _as_bytes(data)
+        src = as_byte_tensor(data)
         res = self.reserve(key, src.numel(), meta, evict=evict)
         try:
             res.data.copy_(src)
@@ -393,7 +375,7 @@ class PooledTier(Tier):
         key = check_key(key)
         dst: torch.Tensor | None = None
         if out is not None:
-            dst = _as_bytes(out)
+            dst = as_byte_tensor(out)
         entry = self._pin(key)
         if entry is None:
             return None

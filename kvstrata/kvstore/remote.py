@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from kvstrata.core.buffers import BufferLike, as_byte_tensor
+from kvstrata.core.chunk import EMPTY_META, ChunkHandle, ChunkMeta, check_key
 from kvstrata.errors import (
     ChunkTooLargeError,
     InvalidArgumentError,
@@ -31,15 +33,7 @@ from kvstrata.errors import (
     TransportError,
 )
 from kvstrata.kvstore.eviction import make_policy
-from kvstrata.kvstore.tier import (
-    EMPTY_META,
-    BufferLike,
-    ChunkHandle,
-    ChunkMeta,
-    Tier,
-    as_byte_tensor,
-    check_key,
-)
+from kvstrata.kvstore.tier import Tier
 
 __all__ = ["RemoteTier"]
 

@@ -52,6 +52,8 @@ import torch
 from prometheus_client import Counter
 
 from kvstrata.config import StoreConfig
+from kvstrata.core.buffers import BufferLike, as_byte_tensor
+from kvstrata.core.chunk import EMPTY_META, ChunkHandle, ChunkMeta, check_key
 from kvstrata.errors import (
     ChunkTooLargeError,
     InvalidArgumentError,
@@ -60,19 +62,7 @@ from kvstrata.errors import (
     TierIOError,
 )
 from kvstrata.kvstore.memory import PooledTier, SlotReservation
-from kvstrata.kvstore.tier import (
-    EMPTY_META,
-    BufferLike,
-    ChunkHandle,
-    ChunkMeta,
-    ListenerSet,
-    Tier,
-    TierEvent,
-    TierListener,
-    TierStats,
-    as_byte_tensor,
-    check_key,
-)
+from kvstrata.kvstore.tier import ListenerSet, Tier, TierEvent, TierListener, TierStats
 
 __all__ = ["PrefixLookup", "Store", "StoreReservation", "available_memory_bytes"]
 

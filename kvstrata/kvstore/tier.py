@@ -1,7 +1,7 @@
 """The ``Tier`` contract: one level of the tiered store (device, host, disk, remote).
 
-Keys are 16-byte digests (:attr:`kvstrata.kvstore.keys.ChunkKey.digest`); a chunk is an opaque run of bytes
-plus its :class:`ChunkMeta`. Every tier is thread-safe.
+Keys are 16-byte digests (:attr:`kvstrata.core.keys.ChunkKey.digest`); a chunk is an opaque run of bytes
+plus its :class:`~kvstrata.core.chunk.ChunkMeta`. Every tier is thread-safe.
 
 Call order and semantics
 ------------------------
@@ -35,54 +35,17 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Union
+from typing import Literal
 
-import msgspec
 import torch
 
-from kvstrata.errors import InvalidArgumentError
-from kvstrata.kvstore.keys import KEY_BYTES
+from kvstrata.core.buffers import BufferLike
+from kvstrata.core.chunk import EMPTY_META, ChunkHandle, ChunkMeta
 from kvstrata.kvstore.metrics import TIER_METRICS
 
-__all__ = [
-    "EMPTY_META",
-    "BufferLike",
-    "ChunkHandle",
-    "ChunkMeta",
-    "ListenerSet",
-    "Tier",
-    "TierEvent",
-    "TierListener",
-    "TierStats",
-    "as_byte_tensor",
-    "check_key",
-]
+__all__ = ["ListenerSet", "Tier", "TierEvent", "TierListener", "TierStats"]
 
 log = logging.getLogger(__name__)
-
-#: What a put accepts: a contiguous torch tensor (any dtype, CPU or device) or any object with the buffer
-#: protocol (bytes, bytearray, memoryview, numpy array).
-BufferLike = Union[torch.Tensor, bytes, bytearray, memoryview, Any]
-
-
-class ChunkMeta(msgspec.Struct, frozen=True, kw_only=True):
-    """What a tier keeps beside a chunk's bytes."""
-
-    #: the block keys the chunk covers, reported in events (the index works in blocks)
-    block_keys: tuple[bytes, ...] = ()
-    #: the KV layout fingerprint the bytes were made for (16 bytes), or empty when not known
-    fingerprint: bytes = b""
-    #: the compression codec of the bytes: "none", "fp8", "int8"
-    codec: str = "none"
-    #: tokens covered by the chunk (0 when not known)
-    num_tokens: int = 0
-    #: the CRC-32C of the bytes when it was checked on the way in (a put over the wire), -1 when not known:
-    #: the server answers a get with it instead of reading the whole chunk again, and a client that finds
-    #: it does not match the bytes it received (corruption anywhere after the put) takes a miss
-    crc32c: int = -1
-
-
-EMPTY_META = ChunkMeta()
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,85 +75,6 @@ class TierStats:
     bytes_read: int = 0
     evictions: int = 0
     errors: int = 0
-
-
-class ChunkHandle:
-    """A pinned chunk. ``data`` stays valid and unchanged until :meth:`release`."""
-
-    __slots__ = ("_release", "_released", "data", "key", "mem", "meta")
-
-    def __init__(
-        self,
-        key: bytes,
-        data: torch.Tensor,
-        meta: ChunkMeta,
-        release: Callable[[], None] | None = None,
-        mem: memoryview | None = None,
-    ) -> None:
-        self.key = key
-        self.data = data
-        self.meta = meta
-        #: ``data``'s bytes as a flat memoryview when the tier has one at hand (host memory), else ``None``
-        self.mem = mem
-        self._release = release
-        self._released = False
-
-    def release(self) -> None:
-        """Unpin the chunk; idempotent."""
-        if not self._released:
-            self._released = True
-            if self._release is not None:
-                self._release()
-
-    def __enter__(self) -> ChunkHandle:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
-
-
-def check_key(key: bytes) -> bytes:
-    """Validate a chunk key (16 bytes) and return it as ``bytes``."""
-    if not isinstance(key, bytes):
-        digest = getattr(key, "digest", None)
-        if isinstance(digest, bytes):
-            key = digest
-        elif isinstance(key, (bytearray, memoryview)):
-            key = bytes(key)
-        else:
-            raise InvalidArgumentError(f"a chunk key is 16 bytes or a ChunkKey, not {type(key).__name__}")
-    if len(key) != KEY_BYTES:
-        raise InvalidArgumentError(f"a chunk key is {KEY_BYTES} bytes, got {len(key)}")
-    return key
-
-
-def as_byte_tensor(data: BufferLike) -> torch.Tensor:
-    """View ``data`` as a flat uint8 tensor without copying (a tensor must be contiguous)."""
-    if isinstance(data, torch.Tensor):
-        if not data.is_contiguous():
-            raise InvalidArgumentError("chunk data must be a contiguous tensor")
-        if data.dtype is torch.uint8 and data.dim() == 1:
-            return data  # already flat bytes (reshape + view cost microseconds per chunk)
-        return data.reshape(-1).view(torch.uint8)
-    try:
-        view = memoryview(data)
-    except TypeError as exc:
-        raise InvalidArgumentError(
-            f"chunk data must be a tensor or a buffer, not {type(data).__name__}"
-        ) from exc
-    if not view.contiguous:
-        raise InvalidArgumentError("chunk data must be a contiguous buffer")
-    if view.nbytes == 0:
-        return torch.empty(0, dtype=torch.uint8)
-    view = view.cast("B")
-    if view.readonly:
-        # torch.frombuffer warns on read-only buffers but only reads from them here.
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            return torch.frombuffer(view, dtype=torch.uint8)
-    return torch.frombuffer(view, dtype=torch.uint8)
 
 
 class ListenerSet:

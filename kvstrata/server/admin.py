@@ -23,7 +23,7 @@ from fastapi import FastAPI, HTTPException, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from kvstrata import __version__
-from kvstrata.kvstore.keys import KEY_BYTES
+from kvstrata.core.keys import KEY_BYTES
 from kvstrata.server.app import CacheServer, stats_payload
 
 __all__ = ["MAX_LOOKUP_KEYS", "create_admin_app"]

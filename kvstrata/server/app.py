@@ -37,6 +37,7 @@ import torch
 from prometheus_client import Counter, Gauge
 
 from kvstrata import __version__
+from kvstrata.core.buffers import consume, flat_view
 from kvstrata.errors import (
     ConnectError,
     InvalidArgumentError,
@@ -47,8 +48,6 @@ from kvstrata.errors import (
 from kvstrata.server.handlers import HANDLERS, error_code, stats_payload
 from kvstrata.transport import protocol as p
 from kvstrata.transport.base import ServerExtension
-from kvstrata.transport.tcp import consume as _consume
-from kvstrata.transport.tcp import flat_view as _flat
 
 __all__ = ["CacheServer", "ServerConnection", "error_code", "stats_payload"]
 
@@ -335,7 +334,7 @@ class ServerConnection:
         that did, at 256 KiB and 8 MiB chunks) than non-blocking writes driven by the loop's readiness
         callbacks.
         """
-        views = [v for v in map(_flat, parts) if len(v)]
+        views = [v for v in map(flat_view, parts) if len(v)]
         timeout = self.server.write_timeout
         while views:
             try:
@@ -345,7 +344,7 @@ class ServerConnection:
                 continue
             except OSError as exc:
                 raise _Closed(str(exc)) from exc
-            _consume(views, sent)
+            consume(views, sent)
 
     def _set_timeouts(self) -> None:
         """The time slice of blocking reads on bulk I/O threads (set once; ignored while non-blocking)."""
@@ -407,7 +406,7 @@ class ServerConnection:
     ) -> None:
         """Send one reply frame (``checksum``: the payload's CRC-32C, sets the CHECKSUM flag)."""
         raw = p.encode_meta(meta)
-        views = [_flat(x) for x in payload]
+        views = [flat_view(x) for x in payload]
         size = sum(len(v) for v in views)
         flags |= _REPLY
         if checksum is not None:

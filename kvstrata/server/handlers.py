@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from kvstrata.core.buffers import byte_view
+from kvstrata.core.chunk import ChunkHandle, ChunkMeta
 from kvstrata.errors import KVStrataError, ProtocolError
-from kvstrata.kvstore.tier import ChunkHandle, ChunkMeta
 from kvstrata.transport import protocol as p
-from kvstrata.transport.tcp import byte_view
 
 if TYPE_CHECKING:
     from kvstrata.server.app import CacheServer, ServerConnection

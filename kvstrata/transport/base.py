@@ -41,8 +41,8 @@ from urllib.parse import urlsplit
 
 import torch
 
+from kvstrata.core.chunk import ChunkMeta
 from kvstrata.errors import InvalidArgumentError, KVStrataError
-from kvstrata.kvstore.tier import ChunkMeta
 
 if TYPE_CHECKING:
     from kvstrata.transport.protocol import Header

@@ -48,8 +48,9 @@ from typing import Annotated, Any, ClassVar
 import msgspec
 import torch
 
+from kvstrata.core.buffers import flat_bytes
+from kvstrata.core.chunk import EMPTY_META, ChunkHandle
 from kvstrata.errors import InvalidArgumentError, KVStrataError, ProtocolError
-from kvstrata.kvstore.tier import EMPTY_META, ChunkHandle
 from kvstrata.transport import protocol as p
 from kvstrata.transport.base import PutSpec, ServerAddress, TransportOptions
 from kvstrata.transport.tcp import TcpTransport
@@ -630,13 +631,6 @@ class LeaseServer:
         }
 
 
-def _flat(tensor: torch.Tensor) -> torch.Tensor:
-    """``tensor``'s bytes as a 1-D uint8 tensor (itself when it already is one)."""
-    if tensor.dtype == torch.uint8 and tensor.dim() == 1:
-        return tensor
-    return tensor.reshape(-1).view(torch.uint8)
-
-
 def _no_payload(header: p.Header) -> None:
     if header.payload_len:
         raise ProtocolError("lease requests carry no payload")
@@ -734,7 +728,7 @@ class LeaseTransport(TcpTransport):
                     if out is None:
                         dest = torch.empty(size, dtype=torch.uint8)
                     else:
-                        dest = _flat(out)
+                        dest = flat_bytes(out)
                         have = dest.numel()
                         if have < size:
                             too_small = InvalidArgumentError(f"out holds {have} bytes, the chunk has {size}")
@@ -807,7 +801,7 @@ class LeaseTransport(TcpTransport):
         self, items: Sequence[PutSpec], batch: list[int], results: list[KVStrataError | None]
     ) -> list[int]:
         begin, commit = self.base + PUT_BEGIN, self.base + PUT_COMMIT
-        flats = {i: _flat(items[i].data) for i in batch}
+        flats = {i: flat_bytes(items[i].data) for i in batch}
         groups = _groups(batch)
         # Pipelined: every group's PUT_BEGIN goes out first, so that the server reserves group k+1 while
         # this side writes group k, and each group's PUT_COMMIT goes out as soon as it is written, so that

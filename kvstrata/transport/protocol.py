@@ -35,8 +35,8 @@ from typing import Annotated, Any
 import msgspec
 
 from kvstrata import errors
+from kvstrata.core.chunk import EMPTY_META, ChunkMeta
 from kvstrata.errors import ProtocolError, VersionMismatchError
-from kvstrata.kvstore.tier import EMPTY_META, ChunkMeta
 
 __all__ = [
     "ERROR_CODES",

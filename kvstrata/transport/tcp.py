@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from kvstrata.core.buffers import byte_view, consume, flat_view
 from kvstrata.errors import (
     AuthenticationError,
     ChunkTooLargeError,
@@ -50,36 +51,6 @@ PUT_FRAME_BYTES = 1 << 20
 #: call: gets of 8 MiB chunks 1.25x as fast with checksums and without, 2 MiB 1.12x / 1.17x, 256 KiB
 #: without checksums 1.13x; 128 KiB pieces measured the same as 256 KiB, 1 MiB ones 1.18x / 1.14x at 8 MiB.
 RECV_PIECE_BYTES = 256 << 10
-
-
-def byte_view(tensor: torch.Tensor) -> memoryview:
-    """A flat, writable memoryview of a contiguous CPU tensor's bytes (no copy)."""
-    if tensor.dtype is torch.uint8 and tensor.dim() == 1 and tensor.is_contiguous():
-        flat = tensor  # the common case, without reshape/view (microseconds per chunk)
-    else:
-        flat = tensor.reshape(-1).view(torch.uint8)
-    if flat.numel() == 0:
-        return memoryview(bytearray())
-    return memoryview(flat.numpy())  # type: ignore[arg-type]  # 1-D uint8: already format "B"
-
-
-def consume(views: list[memoryview], sent: int) -> None:
-    """Drop the first ``sent`` bytes of ``views`` (after a partial ``sendmsg``)."""
-    while sent:
-        head = views[0]
-        if sent >= len(head):
-            sent -= len(head)
-            views.pop(0)
-        else:
-            views[0] = head[sent:]
-            sent = 0
-
-
-def flat_view(part: Any) -> memoryview:
-    """``part`` as a flat byte memoryview (one already flat, as chunk views are, as is)."""
-    if type(part) is memoryview and part.ndim == 1 and part.itemsize == 1:
-        return part
-    return memoryview(part).cast("B")
 
 
 class TcpTransport(Transport):

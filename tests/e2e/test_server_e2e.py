@@ -17,8 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kvstrata.client import Client
+from kvstrata.core.keys import ChunkKey
 from kvstrata.errors import AuthenticationError, KVStrataError, TransportError, VersionMismatchError
-from kvstrata.kvstore.keys import ChunkKey
 from kvstrata.transport import protocol as p
 from tests.kvstore.conformance_tier import check_stamped, chunk_key, stamped
 from tests.transport.servers import ServeProcess, wait_until

@@ -9,8 +9,8 @@ import pytest
 
 from kvstrata.client import Client
 from kvstrata.config import IndexConfig
+from kvstrata.core.keys import ChunkKey, Namespace, block_keys
 from kvstrata.index.base import open_index
-from kvstrata.kvstore.keys import ChunkKey, Namespace, block_keys
 from tests.conftest import RedisServer
 from tests.transport.servers import ServeProcess, wait_until
 

@@ -14,8 +14,8 @@ from typing import Any
 import httpx
 import pytest
 
+from kvstrata.core.keys import Namespace, block_keys
 from kvstrata.index.base import open_index
-from kvstrata.kvstore.keys import Namespace, block_keys
 from tests.conftest import RedisServer, free_port, wait_for_port
 from tests.index.test_events import BS, MapBlockRemoved, VllmLikePublisher, hashes_of, stored_events
 

@@ -20,11 +20,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvstrata.config import IndexConfig
+from kvstrata.core.keys import Namespace, block_keys
 from kvstrata.errors import InvalidArgumentError
 from kvstrata.index.base import BlockIndex, open_index
 from kvstrata.index.events import EngineEndpoint, EventIngester, decode_batch, parse_endpoint
 from kvstrata.index.memory import MemoryBlockIndex
-from kvstrata.kvstore.keys import Namespace, block_keys
 from tests.conftest import RedisServer, free_port
 from tests.index.conformance_index import summary
 

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
+from kvstrata.core.keys import Namespace, block_keys
 from kvstrata.errors import InvalidArgumentError
 from kvstrata.index.http import MAX_BODY_BYTES, lookup_request
-from kvstrata.kvstore.keys import Namespace, block_keys
 
 NS = Namespace("m", bytes(16))
 

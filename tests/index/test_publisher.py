@@ -11,13 +11,14 @@ import pytest
 import zmq
 
 from kvstrata.config import IndexConfig
+from kvstrata.core.chunk import ChunkMeta
+from kvstrata.core.keys import Namespace, block_keys, chunk_keys
 from kvstrata.index.base import InstanceMatch
 from kvstrata.index.events import EngineEndpoint, EventIngester, decode_batch
 from kvstrata.index.memory import MemoryBlockIndex
 from kvstrata.index.publisher import TierEventPublisher, encode_events
 from kvstrata.kvstore.host import HostTier
-from kvstrata.kvstore.keys import Namespace, block_keys, chunk_keys
-from kvstrata.kvstore.tier import ChunkMeta, TierEvent
+from kvstrata.kvstore.tier import TierEvent
 from tests.conftest import free_port
 from tests.index.conformance_index import summary
 

@@ -9,7 +9,7 @@ ALL_LAYOUTS = (*SPLIT_LAYOUTS, "cpu_packed")
 
 
 def layer_shape(layout: str, num_blocks: int, block_size: int, heads: int, head_size: int) -> tuple[int, ...]:
-    """The per-layer tensor shape of ``layout`` (as in kvstrata.kvstore.layout.ENGINE_LAYOUTS)."""
+    """The per-layer tensor shape of ``layout`` (as in kvstrata.core.layout.ENGINE_LAYOUTS)."""
     return {
         "kv_first_nhd": (2, num_blocks, block_size, heads, head_size),
         "kv_first_hnd": (2, num_blocks, heads, block_size, head_size),

@@ -44,14 +44,15 @@ import numpy as np
 import pytest
 import torch
 
+from kvstrata.core.chunk import ChunkMeta
+from kvstrata.core.keys import ChunkKey
 from kvstrata.errors import (
     ChunkTooLargeError,
     InvalidArgumentError,
     StoreError,
     TierFullError,
 )
-from kvstrata.kvstore.keys import ChunkKey
-from kvstrata.kvstore.tier import ChunkMeta, Tier, TierEvent
+from kvstrata.kvstore.tier import Tier, TierEvent
 
 __all__ = ["TierConformance", "check_stamped", "chunk_key", "pattern", "stamped"]
 

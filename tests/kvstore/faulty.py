@@ -36,18 +36,10 @@ from collections.abc import Callable, Iterator
 import pytest
 import torch
 
+from kvstrata.core.buffers import BufferLike, as_byte_tensor
+from kvstrata.core.chunk import EMPTY_META, ChunkHandle, ChunkMeta, check_key
 from kvstrata.errors import TierIOError
-from kvstrata.kvstore.tier import (
-    EMPTY_META,
-    BufferLike,
-    ChunkHandle,
-    ChunkMeta,
-    Tier,
-    TierEvent,
-    TierListener,
-    as_byte_tensor,
-    check_key,
-)
+from kvstrata.kvstore.tier import Tier, TierEvent, TierListener
 from tests.kvstore.conformance_tier import TierConformance, check_stamped, chunk_key, stamped
 
 __all__ = ["FaultyTier", "FaultyTierConformance"]

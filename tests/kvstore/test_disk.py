@@ -16,10 +16,11 @@ import torch
 
 import kvstrata.kvstore.disk as disk
 import kvstrata.kvstore.diskformat as diskformat
+from kvstrata.core.chunk import ChunkMeta
 from kvstrata.errors import ChunkTooLargeError, StoreError, TierFullError
 from kvstrata.kvstore.disk import DiskTier
 from kvstrata.kvstore.diskformat import HEADER_ALIGN, MAGIC, decode_header, encode_header
-from kvstrata.kvstore.tier import ChunkMeta, TierEvent
+from kvstrata.kvstore.tier import TierEvent
 from tests.conftest import require
 from tests.kvstore.conformance_tier import check_stamped, chunk_key, meta_for, pattern, stamped
 

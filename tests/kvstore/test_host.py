@@ -12,11 +12,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kvstrata.core.chunk import ChunkHandle
 from kvstrata.errors import ChunkTooLargeError, InvalidArgumentError, TierFullError
 from kvstrata.kvstore.device import DeviceTier
 from kvstrata.kvstore.host import HostTier
 from kvstrata.kvstore.store import Store
-from kvstrata.kvstore.tier import ChunkHandle, TierEvent
+from kvstrata.kvstore.tier import TierEvent
 from tests.kvstore.conformance_tier import check_stamped, chunk_key, pattern, stamped
 
 SLOT = 4096

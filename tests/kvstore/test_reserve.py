@@ -8,11 +8,12 @@ from collections.abc import Iterator
 import pytest
 import torch
 
+from kvstrata.core.chunk import ChunkMeta
 from kvstrata.errors import ChunkTooLargeError, InvalidArgumentError, StoreError, TierFullError
 from kvstrata.kvstore.device import DeviceTier
 from kvstrata.kvstore.host import HostTier
 from kvstrata.kvstore.store import Store
-from kvstrata.kvstore.tier import ChunkMeta, TierEvent
+from kvstrata.kvstore.tier import TierEvent
 from tests.kvstore.conformance_tier import chunk_key, meta_for, pattern
 
 SLOT = 4096

@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from kvstrata.client import AsyncClient, Client
+from kvstrata.core.keys import ChunkKey
 from kvstrata.errors import (
     ConnectError,
     InvalidArgumentError,
     RequestTimeoutError,
 )
-from kvstrata.kvstore.keys import ChunkKey
 from kvstrata.transport import protocol as p
 from kvstrata.transport import tcp
 from kvstrata.transport.base import (

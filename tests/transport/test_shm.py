@@ -113,7 +113,7 @@ def test_transport_maps_a_private_segment_not_named_in_the_greeting(shm_server: 
         assert stat.S_IMODE(st.st_mode) == 0o600 and st.st_uid == os.getuid()
         key = os.urandom(16)
         (data,) = _chunks(1, 65_536, seed=3)
-        from kvstrata.kvstore.tier import EMPTY_META
+        from kvstrata.core.chunk import EMPTY_META
         from kvstrata.transport.base import PutSpec
 
         assert transport.put_many([PutSpec(key, data, EMPTY_META)], 5.0) == [None]

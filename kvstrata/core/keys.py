@@ -25,8 +25,8 @@ from typing import Any, Union
 
 import numpy as np
 
+from kvstrata.core.layout import KVLayout
 from kvstrata.errors import InvalidArgumentError
-from kvstrata.kvstore.layout import KVLayout
 
 __all__ = [
     "KEY_BYTES",

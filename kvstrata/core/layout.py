@@ -1,7 +1,7 @@
 """KVLayout: the shape of an engine's KV cache, and the fingerprint that is part of every key.
 
 A chunk made for one layout is never served to another: the layout's fingerprint keys the namespace
-(see :mod:`kvstrata.kvstore.keys` and docs/keys.md), so two layouts never share a key.
+(see :mod:`kvstrata.core.keys` and docs/keys.md), so two layouts never share a key.
 """
 
 from __future__ import annotations

@@ -15,15 +15,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvstrata.errors import InvalidArgumentError, LayoutError
-from kvstrata.kvstore.keys import (
+from kvstrata.core.keys import (
     ROOT_PARENT,
     Namespace,
     block_keys,
     chunk_keys,
     encode_extra_keys,
 )
-from kvstrata.kvstore.layout import KVLayout
+from kvstrata.core.layout import KVLayout
+from kvstrata.errors import InvalidArgumentError, LayoutError
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "keys.md"
 
