@@ -9,7 +9,6 @@ fast.
 from __future__ import annotations
 
 import importlib
-import logging
 from typing import Annotated, Optional
 
 import typer
@@ -52,14 +51,6 @@ def config_command(
 
     for name, value, doc in describe(load_config(config)):
         typer.echo(f"{name} = {value!r}    # {doc}")
-
-
-def setup_logging(level: str) -> None:
-    """Configure the root logger once for a command."""
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
 
 
 for _module in _COMMAND_MODULES:

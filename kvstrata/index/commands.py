@@ -72,11 +72,11 @@ def run(
     log_level: Annotated[Optional[str], typer.Option(help="debug, info, warning, error.")] = None,
 ) -> None:
     """Ingest engines' KV events into the index; serve HTTP lookups (memory backend) until SIGINT/SIGTERM."""
-    from kvstrata.cli import setup_logging
     from kvstrata.config import load_config
     from kvstrata.errors import KVStrataError
     from kvstrata.index.base import open_index
     from kvstrata.index.events import EventIngester, parse_endpoint
+    from kvstrata.logs import setup_logging
 
     try:
         cfg = load_config(config, {"log_level": log_level, "index": {"backend": backend}})

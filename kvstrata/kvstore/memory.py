@@ -514,6 +514,10 @@ class PooledTier(Tier):
         """The pool buffer (offsets from :meth:`slot_span` are relative to it)."""
         return self._pool.buffer
 
+    def memory_region(self) -> torch.Tensor:
+        """The pool buffer: every chunk of this tier lies in it."""
+        return self._pool.buffer
+
     @property
     def capacity_bytes(self) -> int:
         """Pages times page size (``slot_bytes``)."""

@@ -176,6 +176,13 @@ class Tier(ABC):
     def __len__(self) -> int:
         """Chunks stored."""
 
+    def memory_region(self) -> torch.Tensor | None:
+        """The one byte tensor every chunk of this tier lies in (a memory pool), or ``None`` (disk, remote).
+
+        Transports that hand out positions in it (shm, nixl) register or share exactly this memory.
+        """
+        return None
+
     def clear(self) -> None:
         """Drop every unpinned chunk and emit a ``cleared`` event."""
         for key in list(self.keys()):

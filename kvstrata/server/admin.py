@@ -24,7 +24,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from kvstrata import __version__
 from kvstrata.core.keys import KEY_BYTES
-from kvstrata.server.app import CacheServer, stats_payload
+from kvstrata.server.app import CacheServer
+from kvstrata.server.handlers import stats_payload
 
 __all__ = ["MAX_LOOKUP_KEYS", "create_admin_app"]
 

@@ -66,9 +66,9 @@ def serve(
     log_level: Annotated[Optional[str], typer.Option(help="debug, info, warning, error.")] = None,
 ) -> None:
     """Run the cache server daemon (data port + admin HTTP) until SIGTERM or SIGINT."""
-    from kvstrata.cli import setup_logging
     from kvstrata.config import load_config
     from kvstrata.errors import KVStrataError
+    from kvstrata.logs import setup_logging
     from kvstrata.units import parse_size
 
     try:

@@ -14,7 +14,8 @@ from typing import Any
 
 from kvstrata.config import KVStrataConfig, StoreConfig
 from kvstrata.errors import InvalidArgumentError
-from kvstrata.transport.base import ServerExtension, server_extension_class
+from kvstrata.kvstore.store import Store
+from kvstrata.server.extension import ServerExtension, server_extension_class
 from kvstrata.units import format_size
 
 __all__ = ["build_store", "load_extensions", "run_daemon"]
@@ -43,9 +44,9 @@ def load_extensions(config: KVStrataConfig) -> list[ServerExtension]:
     return out
 
 
-def build_store(config: StoreConfig, extensions: Sequence[ServerExtension] = ()) -> Any:
+def build_store(config: StoreConfig, extensions: Sequence[ServerExtension] = ()) -> Store:
     """The Store of ``config``; an extension may place the host tier's pool (e.g. in shared memory)."""
-    from kvstrata.kvstore.store import Store, available_memory_bytes
+    from kvstrata.kvstore.store import available_memory_bytes
 
     host_bytes = config.host_cache_bytes or int(available_memory_bytes() * config.host_cache_fraction)
     host_bytes = max(host_bytes, config.slot_bytes)
@@ -57,7 +58,7 @@ def build_store(config: StoreConfig, extensions: Sequence[ServerExtension] = ())
     return Store.from_config(config, host_buffer=buffer)
 
 
-def attach_index(config: KVStrataConfig, store: Any, port: int) -> tuple[Any, Any]:
+def attach_index(config: KVStrataConfig, store: Store, port: int) -> tuple[Any, Any]:
     """Open the configured block index and feed the store's tier events into it under this instance's name.
 
     Returns ``(index, feeder)``. The instance name is ``config.instance_id`` or ``hostname:port``. An index

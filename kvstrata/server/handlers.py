@@ -10,43 +10,21 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from kvstrata.core.buffers import byte_view
 from kvstrata.core.chunk import ChunkHandle, ChunkMeta
 from kvstrata.errors import KVStrataError, ProtocolError
+from kvstrata.kvstore.store import Store, StoreReservation
+from kvstrata.server.connection import ServerConnection, ServerContext
 from kvstrata.transport import protocol as p
 
-if TYPE_CHECKING:
-    from kvstrata.server.app import CacheServer, ServerConnection
-
-__all__ = ["HANDLERS", "error_code", "stats_payload"]
+__all__ = ["HANDLERS", "stats_payload"]
 
 
-def error_code(exc: BaseException) -> str:
-    """The wire error code of an exception (the inverse of :data:`protocol.ERROR_CODES`)."""
-    from kvstrata.errors import AuthenticationError, InvalidArgumentError, VersionMismatchError
-
-    for code, cls in p.ERROR_CODES.items():
-        if type(exc) is cls:
-            return code
-    if isinstance(exc, VersionMismatchError):
-        return "version_mismatch"
-    if isinstance(exc, ProtocolError):
-        return "protocol"
-    if isinstance(exc, AuthenticationError):
-        return "auth"
-    if isinstance(exc, InvalidArgumentError):
-        return "invalid_argument"
-    for code in ("too_large", "full", "io"):
-        if isinstance(exc, p.ERROR_CODES[code]):
-            return code
-    return "internal"
-
-
-def _bytes_of(held: Any) -> memoryview:
+def _bytes_of(held: StoreReservation | ChunkHandle) -> memoryview:
     """The flat bytes of a reservation or a pinned chunk: the pool's own memoryview when it has one."""
     mem: memoryview | None = held.mem
     return mem if mem is not None else byte_view(held.data)
@@ -75,30 +53,24 @@ async def _receive_chunk(conn: ServerConnection, size: int, crc: int | None) -> 
     return buf
 
 
-def _reserve(store: Any, key: bytes, size: int, meta: ChunkMeta) -> Any | None:
-    """A Store reservation for one chunk, or ``None`` (no reserve call, no room on top, a bad key):
-    the caller then receives into the connection's buffer and puts (one copy more)."""
-    reserve = getattr(store, "reserve", None)
-    if reserve is None:
-        return None
+def _reserve(store: Store, key: bytes, size: int, meta: ChunkMeta) -> StoreReservation | None:
+    """A Store reservation for one chunk, or ``None`` (no room on top, a bad key): the caller then
+    receives into the connection's buffer and puts (one copy more)."""
     try:
-        return reserve(key, size, meta)
+        return store.reserve(key, size, meta)
     except KVStrataError:
         return None
 
 
-def _reserve_run(store: Any, items: Sequence[p.PutItem], verify: bool) -> list[Any]:
+def _reserve_run(store: Store, items: Sequence[p.PutItem], verify: bool) -> list[StoreReservation]:
     """Reservations for the leading ``items`` (``Store.reserve_many``: it stops at the first that gets
     none, so that the chunks before it are committed before it is put: they may be what it has to evict).
-    ``[]`` when the store takes no reservations: the caller then receives and puts chunk by chunk."""
-    reserve_many = getattr(store, "reserve_many", None)
-    if reserve_many is None:
-        return []
+    ``[]`` when none can be made: the caller then receives and puts chunk by chunk."""
     specs = [
         (item.key, item.size, p.chunk_meta(item.meta, item.checksum if verify else -1)) for item in items
     ]
     try:
-        return list(reserve_many(specs))
+        return store.reserve_many(specs)
     except KVStrataError:
         return []  # e.g. the store closed: the put path reports it
 
@@ -126,13 +98,15 @@ def _abort_result(fut: asyncio.Future[Any]) -> None:
             res.abort()
 
 
-def _commit_all(store: Any, reservations: Sequence[Any]) -> list[str]:
+def _commit_all(store: Store, reservations: Sequence[StoreReservation]) -> list[str]:
     """Commit the reservations still active, together (``Store.commit_many``: they come from its
     ``reserve_many``); their result codes ("" when stored, "corrupt" when aborted after a failed
     checksum)."""
     filled = [res.active for res in reservations]
     errors = iter(store.commit_many([res for res, ok in zip(reservations, filled, strict=True) if ok]))
-    return [("" if (err := next(errors)) is None else error_code(err)) if ok else "corrupt" for ok in filled]
+    return [
+        ("" if (err := next(errors)) is None else p.error_code(err)) if ok else "corrupt" for ok in filled
+    ]
 
 
 async def _put(conn: ServerConnection, header: p.Header, meta: p.PutRequest) -> None:
@@ -177,7 +151,9 @@ async def _put_many(conn: ServerConnection, header: p.Header, meta: p.PutManyReq
         while end < len(items) and (end == first or total + items[end].size <= budget):
             total += items[end].size
             end += 1
-        run: list[Any] = await _reserved(conn, _reserve_run, conn.store, items[first:end], verify)
+        run: list[StoreReservation] = await _reserved(
+            conn, _reserve_run, conn.store, items[first:end], verify
+        )
         if not run:
             item = items[first]
             crc = item.checksum if verify else None
@@ -198,14 +174,14 @@ async def _put_many(conn: ServerConnection, header: p.Header, meta: p.PutManyReq
     await conn.reply(p.Op.PUT_MANY, header.request_id, p.PutManyReply(results=results))
 
 
-def _store_one(store: Any, item: p.PutItem, data: torch.Tensor | None, crc: int | None) -> str:
+def _store_one(store: Store, item: p.PutItem, data: torch.Tensor | None, crc: int | None) -> str:
     """Store one chunk of a PUT_MANY; its result code ("" when stored)."""
     if data is None:
         return "corrupt"
     try:
         store.put(item.key, data, p.chunk_meta(item.meta, -1 if crc is None else crc))
     except KVStrataError as exc:
-        return error_code(exc)
+        return p.error_code(exc)
     return ""
 
 
@@ -258,8 +234,7 @@ def _collect(
     sizes: list[int] = []
     crcs: list[int] = []
     views: list[memoryview] = []
-    acquire_many = getattr(conn.store, "acquire_many", None)
-    found = _acquire_each(conn, keys, budget) if acquire_many is None else list(acquire_many(keys, budget))
+    found = conn.store.acquire_many(keys, budget)
     try:
         for i, handle in enumerate(found):
             # A device-tier hit becomes a host copy; should that copy fail, the original is still in
@@ -285,23 +260,6 @@ def _collect(
     return handles, sizes, crcs, views
 
 
-def _acquire_each(conn: ServerConnection, keys: Sequence[bytes], budget: int) -> list[ChunkHandle | None]:
-    """Handles for a prefix of ``keys`` within ``budget`` bytes, one acquire each (a store without
-    ``acquire_many``)."""
-    out: list[ChunkHandle | None] = []
-    total = 0
-    for key in keys:
-        handle = _acquire(conn, key)
-        if handle is not None:
-            size = handle.data.numel()
-            if total and total + size > budget:
-                handle.release()
-                break
-            total += size
-        out.append(handle)
-    return out
-
-
 async def _exists(conn: ServerConnection, header: p.Header, meta: p.KeysRequest) -> None:
     present = [conn.store.contains(k) for k in meta.keys]
     await conn.reply(p.Op.EXISTS, header.request_id, p.ExistsReply(present=present))
@@ -318,7 +276,7 @@ async def _delete(conn: ServerConnection, header: p.Header, meta: p.KeysRequest)
     await conn.reply(p.Op.DELETE, header.request_id, p.DeleteReply(removed=removed))
 
 
-def stats_payload(server: CacheServer) -> tuple[dict[str, dict[str, int]], dict[str, int]]:
+def stats_payload(server: ServerContext) -> tuple[dict[str, dict[str, int]], dict[str, int]]:
     """Per-tier counters and server counters (shared by STATS and the admin API)."""
     tiers: Mapping[str, Any] = server.store.stats()
     out = {

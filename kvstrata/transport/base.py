@@ -1,11 +1,11 @@
-"""The ``Transport`` contract (client side), the server extension contract, and their registries.
+"""The ``Transport`` contract (client side) and its registry of URL schemes.
 
 A :class:`Transport` is one client connection to one cache server, chosen by the URL scheme:
 ``kvs://`` (tcp), ``kvs+shm://`` (same-host shared memory), ``kvs+nixl://`` (NIXL). Every transport speaks
 the kvs wire protocol (:mod:`kvstrata.transport.protocol`) over its control connection; the shm and nixl
-transports move chunk bytes out of band and add their own opcodes (0x40-0x7F) through a
-:class:`ServerExtension` that the server loads by name. Modules are imported lazily, on first use of
-their scheme, so NIXL is never imported unless asked for.
+transports move chunk bytes out of band and add their own opcodes (0x40-0x7F), which the server serves
+through the extension of that transport (:mod:`kvstrata.server.extension`). Modules are imported lazily,
+on first use of their scheme, so NIXL is never imported unless asked for.
 
 Call order (one transport instance, used by one thread at a time; the client pools several)
 -----------------------------------------------------------------------------------------------
@@ -32,33 +32,27 @@ Failure semantics
 
 from __future__ import annotations
 
-import importlib
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
 import torch
 
 from kvstrata.core.chunk import ChunkMeta
+from kvstrata.core.registry import load_target
 from kvstrata.errors import InvalidArgumentError, KVStrataError
-
-if TYPE_CHECKING:
-    from kvstrata.transport.protocol import Header
 
 __all__ = [
     "DEFAULT_PORT",
     "PrefixResult",
     "PutSpec",
     "ServerAddress",
-    "ServerExtension",
     "Transport",
     "TransportOptions",
     "parse_url",
-    "register_server_extension",
     "register_transport",
-    "server_extension_class",
     "transport_class",
 ]
 
@@ -70,11 +64,6 @@ _TRANSPORTS: dict[str, str] = {
     "kvs+tcp": "kvstrata.transport.tcp:TcpTransport",
     "kvs+shm": "kvstrata.transport.shm:ShmTransport",
     "kvs+nixl": "kvstrata.transport.nixl:NixlTransport",
-}
-#: transport name (``server.transports`` in the config) -> "module:Class" of its ServerExtension.
-_SERVER_EXTENSIONS: dict[str, str] = {
-    "shm": "kvstrata.transport.shm:ShmServerExtension",
-    "nixl": "kvstrata.transport.nixl:NixlServerExtension",
 }
 
 
@@ -146,15 +135,6 @@ class PrefixResult:
     tiers: tuple[str, ...] = field(default=())
 
 
-def _load(target: str) -> Any:
-    module_name, _, attr = target.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        raise InvalidArgumentError(f"transport module {module_name} is not available: {exc}") from exc
-    return getattr(module, attr)
-
-
 def register_transport(scheme: str, target: str) -> None:
     """Map a URL scheme to ``"module:Class"`` of a :class:`Transport` (imported lazily)."""
     _TRANSPORTS[scheme.lower()] = target
@@ -165,28 +145,9 @@ def transport_class(scheme: str) -> type[Transport]:
     target = _TRANSPORTS.get(scheme.lower())
     if target is None:
         raise InvalidArgumentError(f"unknown transport scheme {scheme!r}")
-    cls = _load(target)
+    cls = load_target(target, "transport")
     if not (isinstance(cls, type) and issubclass(cls, Transport)):
         raise InvalidArgumentError(f"{target} is not a Transport")
-    return cls
-
-
-def register_server_extension(name: str, target: str) -> None:
-    """Map a transport name to ``"module:Class"`` of a :class:`ServerExtension` (imported lazily)."""
-    _SERVER_EXTENSIONS[name] = target
-
-
-def server_extension_class(name: str) -> type[ServerExtension] | None:
-    """The server extension of transport ``name``; ``None`` for ``tcp`` (built in)."""
-    if name == "tcp":
-        return None
-    target = _SERVER_EXTENSIONS.get(name)
-    if target is None:
-        known = ", ".join(["tcp", *_SERVER_EXTENSIONS])
-        raise InvalidArgumentError(f"unknown transport {name!r} (known: {known})")
-    cls = _load(target)
-    if not (isinstance(cls, type) and issubclass(cls, ServerExtension)):
-        raise InvalidArgumentError(f"{target} is not a ServerExtension")
     return cls
 
 
@@ -251,50 +212,3 @@ class Transport(ABC):
     @abstractmethod
     def close(self) -> None:
         """Close the connection; idempotent."""
-
-
-#: A server-side handler of an extension opcode: ``await handler(connection, header, meta)``. It must read
-#: (or skip) the request's payload through the connection and send exactly one reply or error.
-ExtensionHandler = Callable[[Any, "Header", Any], Awaitable[None]]
-
-
-class ServerExtension(ABC):
-    """A transport's server side, loaded by name from ``server.transports`` (tcp is built in).
-
-    Call order: ``__init__(config)`` before the Store exists; ``host_buffer(capacity_bytes)`` (may supply
-    the host tier's pool buffer, e.g. POSIX shared memory); ``attach(store)`` once the Store is built;
-    ``greeting()`` for every new connection (goes into :class:`ServerHello`'s ``extensions`` under
-    ``name``); ``handlers()`` once, mapping extension opcodes (0x40-0x7F, with metadata structs registered
-    through :func:`kvstrata.transport.protocol.register_meta`) to coroutines; ``connection_closed(conn)``
-    when a client goes away (drop its leases); ``close()`` at shutdown, after the last connection.
-    A handler that raises a :class:`KVStrataError` gets a typed ERROR reply; anything else closes that
-    client's connection and is logged; other clients are unaffected.
-    """
-
-    #: the transport's name ("shm", "nixl")
-    name: ClassVar[str] = ""
-
-    def __init__(self, config: Any) -> None:
-        self.config = config
-
-    def host_buffer(self, capacity_bytes: int) -> torch.Tensor | None:
-        """A 1-D uint8 CPU tensor to carve the host tier from, or ``None`` to let the tier allocate."""
-        return None
-
-    @abstractmethod
-    def attach(self, store: Any) -> None:
-        """Called once with the server's Store."""
-
-    def greeting(self) -> Any:
-        """Data for clients of this transport (msgpack-encodable builtins), or ``None``."""
-        return None
-
-    def handlers(self) -> Mapping[int, ExtensionHandler]:
-        """Extension opcode -> handler coroutine."""
-        return {}
-
-    def connection_closed(self, connection: Any) -> None:  # noqa: B027 - optional hook
-        """A client connection ended: release anything it held."""
-
-    def close(self) -> None:  # noqa: B027 - optional hook
-        """Release the extension's resources."""

@@ -407,6 +407,25 @@ ERROR_CODES: dict[str, type[errors.KVStrataError]] = {
 }
 
 
+def error_code(exc: BaseException) -> str:
+    """The wire error code of an exception (the inverse of :data:`ERROR_CODES`)."""
+    for code, cls in ERROR_CODES.items():
+        if type(exc) is cls:
+            return code
+    if isinstance(exc, errors.VersionMismatchError):
+        return "version_mismatch"
+    if isinstance(exc, errors.ProtocolError):
+        return "protocol"
+    if isinstance(exc, errors.AuthenticationError):
+        return "auth"
+    if isinstance(exc, errors.InvalidArgumentError):
+        return "invalid_argument"
+    for code in ("too_large", "full", "io"):
+        if isinstance(exc, ERROR_CODES[code]):
+            return code
+    return "internal"
+
+
 def error_for(reply: ErrorReply) -> errors.KVStrataError:
     """The exception a client raises for an ERROR reply."""
     cls = ERROR_CODES.get(reply.code, errors.RemoteError)

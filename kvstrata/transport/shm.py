@@ -5,8 +5,8 @@ server's user, followed by a few staging slots). A local client connects over th
 connection (HELLO, auth), then asks for the segment's name with ``SHM_ATTACH`` — the name is never in the
 pre-auth greeting — and maps it. Gets and puts then follow :mod:`kvstrata.transport.lease`: the server pins
 the chunk and returns its offset, the client copies straight between its tensor and the mapping (host
-tensors: memmoves shared by the calling thread and helper threads, see :class:`HostCopier`; device
-tensors: ``copy_``) and releases the lease; a put is
+tensors: memmoves shared by the calling thread and helper threads, see
+:class:`~kvstrata.transport.hostcopy.HostCopier`; device tensors: ``copy_``) and releases the lease; a put is
 written straight into a slot reserved in the host pool (``Store.reserve``) and committed in place, with no
 server-side copy; only when no pool slot can be reserved does it go through a staging slot (one copy).
 
@@ -21,34 +21,28 @@ segments whose owning process is gone.
 
 from __future__ import annotations
 
-import ctypes
-import itertools
 import logging
 import mmap
 import os
 import re
 import secrets
 import stat
-import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Annotated, Any, cast
+from collections.abc import Sequence
+from typing import Annotated, Any
 
 import msgspec
 import torch
 
-from kvstrata.errors import ConfigError, ConnectError, ProtocolError, RemoteError
+from kvstrata.errors import ConfigError, ConnectError, ProtocolError
 from kvstrata.transport import lease as ls
 from kvstrata.transport import protocol as p
-from kvstrata.transport.base import ServerExtension
-from kvstrata.transport.protocol import Header
+from kvstrata.transport.hostcopy import COPIER, PIECE_BYTES, Piece
 
 __all__ = [
     "MAX_SEGMENT_BYTES",
     "SHM_BASE",
-    "HostCopier",
     "SharedSegment",
     "ShmAttachReply",
-    "ShmServerExtension",
     "ShmTransport",
 ]
 
@@ -197,304 +191,6 @@ def sweep_stale_segments() -> int:
     return removed
 
 
-#: Pieces a host-to-host batch is cut into, so that the threads copying it share the work evenly.
-_PIECE_BYTES = 1 << 20
-#: Batches smaller than this are copied by the calling thread alone (waking a helper costs more).
-_PARALLEL_MIN_BYTES = 1 << 20
-#: Most helper threads a client process starts (memory bandwidth, not cores, bounds copies beyond).
-_MAX_HELPERS = 3
-# ctypes' foreign calls release the GIL, so helpers copy in parallel with the caller; one memmove per piece
-# (numpy's copyto and torch's copy_ cost microseconds more per call, and torch's copy_ splits each chunk
-# over all of its OpenMP threads with a static split: one descheduled thread stalls the whole copy).
-# Against one torch._foreach_copy_ per batch (OpenMP workers that spin between copies), 64 x 256 KiB: puts
-# 1.1-1.2x slower in bench/transport.py, which times a call right after an untimed one, while the workers
-# still spin; but gets with 5 ms between them 2.1 against 2.3 ms, and with 50 ms (an engine computing
-# between gets) 3.9 against 7.5 ms at a third of the CPU time: the workers sleep by then, and after each
-# batch they spin on the other core for milliseconds.
-_memmove = ctypes.memmove
-
-
-def _cpu_probe() -> Callable[[], int] | None:
-    """libc's ``sched_getcpu`` (the CPU the calling thread runs on), or ``None`` where there is none."""
-    try:
-        probe = ctypes.CDLL(None).sched_getcpu
-    except (OSError, AttributeError):
-        return None
-    probe.restype, probe.argtypes = ctypes.c_int, []
-    return cast("Callable[[], int]", probe)
-
-
-Piece = tuple[int, int, int]
-
-
-class _Batch:
-    """One batch of pieces ``(destination address, source address, bytes)`` shared by the copying threads."""
-
-    __slots__ = ("error", "next", "pieces")
-
-    def __init__(self, pieces: list[Piece]) -> None:
-        self.pieces = pieces
-        #: the next piece to take: ``next()`` on an itertools.count is atomic under the GIL
-        self.next: Iterator[int] = itertools.count()
-        self.error: BaseException | None = None
-
-    def drain(self) -> None:
-        pieces, count = self.pieces, len(self.pieces)
-        for i in self.next:
-            if i >= count:
-                return
-            dst, src, nbytes = pieces[i]
-            _memmove(dst, src, nbytes)
-
-
-class HostCopier:
-    """Copies a batch of host memory spans with the calling thread plus up to ``helpers`` helper threads.
-
-    Work is shared dynamically (each thread takes the next piece), so a helper that the OS does not run
-    soon (a small machine whose other core is busy) only means the caller copies more itself; it never
-    waits for a helper that has not started. One batch uses the helpers at a time: another thread's batch
-    meanwhile is copied by that thread alone. Helpers are daemon threads started on first use (again in a
-    forked child) and sleep between batches.
-
-    The helpers are kept off the CPU the caller runs on (their affinity is every allowed CPU but that
-    one, updated when the caller moves). Linux often wakes a sleeping thread on its waker's CPU, where it
-    preempts the waker: on a 2-core machine a woken helper took the caller's CPU and copied the batch
-    alone while the other core idled (measured, 64 x 256 KiB after 25 ms of quiet: the caller's first
-    memmove took 1.7 ms, the helper did 63 of 64 pieces, and two threads copied no faster than one).
-    """
-
-    _start_lock = threading.Lock()
-
-    def __init__(self, helpers: int) -> None:
-        self.helpers = max(0, helpers)
-        self._pid = -1
-        self._use = threading.Lock()
-        self._cv = threading.Condition()
-        self._batch: _Batch | None = None
-        self._serial = 0
-        self._busy = 0
-        #: the helpers' thread ids, the CPUs this process may use, the CPU they were last steered off
-        self._tids: list[int] = []
-        self._allowed: set[int] = set()
-        self._steered = -1
-
-    def copy(self, pieces: list[Piece]) -> None:
-        """Copy every piece; returns once all are done (raises what a copy raised)."""
-        batch = _Batch(pieces)
-        total = 0
-        for piece in pieces:
-            total += piece[2]
-        if self.helpers == 0 or len(pieces) < 2 or total < _PARALLEL_MIN_BYTES:
-            batch.drain()
-            return
-        if self._pid != os.getpid():
-            with self._start_lock:
-                if self._pid != os.getpid():
-                    self._start()
-        if not self._use.acquire(blocking=False):
-            batch.drain()
-            return
-        try:
-            self._steer()
-            with self._cv:
-                self._batch = batch
-                self._serial += 1
-                self._cv.notify_all()
-            try:
-                batch.drain()
-            finally:
-                with self._cv:
-                    self._batch = None  # a helper that wakes only now finds nothing to join
-                    while self._busy:
-                        self._cv.wait()
-        finally:
-            self._use.release()
-        if batch.error is not None:
-            raise batch.error
-
-    def _steer(self) -> None:
-        """Keep the helpers off the caller's CPU (see the class doc); best effort, never raises."""
-        if _CPU is None or not self._tids:
-            return
-        cpu = _CPU()
-        if cpu == self._steered:
-            return
-        others = self._allowed - {cpu}
-        if not others:
-            return
-        try:
-            for tid in list(self._tids):
-                os.sched_setaffinity(tid, others)
-        except OSError:  # the allowed CPUs changed under us (cpuset, taskset): steer again from scratch
-            self._allowed = _allowed_cpus()
-            self._steered = -1
-            return
-        self._steered = cpu
-
-    def _start(self) -> None:
-        """Start the helpers (the first time, or in a forked child, where the parent's threads are gone)."""
-        self._use = threading.Lock()
-        self._cv = threading.Condition()
-        self._batch = None
-        self._busy = 0
-        self._tids = []
-        self._allowed = _allowed_cpus()
-        self._steered = -1
-        self._pid = os.getpid()
-        for i in range(self.helpers):
-            name = f"kvstrata-shm-copy-{i}"
-            threading.Thread(target=self._helper, args=(self._serial,), name=name, daemon=True).start()
-
-    def _helper(self, seen: int) -> None:
-        cv = self._cv
-        with cv:
-            self._tids.append(threading.get_native_id())
-        while True:
-            with cv:
-                while self._batch is None or self._serial == seen:
-                    cv.wait()
-                seen = self._serial
-                batch = self._batch
-                self._busy += 1
-            try:
-                batch.drain()
-            except BaseException as exc:  # the caller must not report a piece nobody copied as done
-                batch.error = exc
-            finally:
-                with cv:
-                    self._busy -= 1
-                    if not self._busy:
-                        cv.notify_all()
-
-
-def _allowed_cpus() -> set[int]:
-    try:
-        return set(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return set()
-
-
-def _helpers() -> int:
-    cores = len(_allowed_cpus()) or os.cpu_count() or 1
-    return min(_MAX_HELPERS, cores - 1)
-
-
-#: libc's sched_getcpu, for steering the copy helpers (None: not steered)
-_CPU = _cpu_probe()
-#: The process-wide copier of the shm clients.
-_COPIER = HostCopier(_helpers())
-
-
-class ShmServerExtension(ServerExtension):
-    """The shm transport's server side: the host pool in a shared segment, leases over the control port."""
-
-    name = "shm"
-
-    def __init__(
-        self, config: Any, *, staging_slots: int = STAGING_SLOTS, lease_ttl_s: float | None = None
-    ) -> None:
-        super().__init__(config)
-        self.slot_bytes = ls.slot_bytes_of(config)
-        self.staging_slots = max(1, staging_slots)
-        self.lease_ttl_s = lease_ttl_s if lease_ttl_s is not None else ls.DEFAULT_LEASE_TTL_S
-        self.segment: SharedSegment | None = None
-        self.pool_bytes = 0
-        self.leases: ls.LeaseServer | None = None
-        self._handlers: dict[int, Any] = {}
-
-    def host_buffer(self, capacity_bytes: int) -> torch.Tensor | None:
-        """Create the segment (host pool + staging) and hand the pool part to the host tier.
-
-        When shared memory is too small for the pool, the pool stays in private memory (``None``) and the
-        transport runs on staging slots alone (one more copy per get).
-        """
-        try:
-            self.segment = SharedSegment.create(capacity_bytes + self.staging_slots * self.slot_bytes)
-        except (ConfigError, OSError) as exc:
-            log.warning("shm: host pool not in shared memory (%s); shm gets will be staged", exc)
-            return None
-        self.pool_bytes = capacity_bytes
-        log.info("shm: host pool in shared memory %s (%d bytes)", self.segment.name, self.segment.size)
-        return self.segment.tensor[:capacity_bytes]
-
-    def attach(self, store: Any) -> None:
-        """Set up staging and leases; without a pool in the segment every get goes through staging.
-
-        Without any usable shared memory the transport is switched off (its requests are answered
-        ``unsupported``; tcp is unaffected).
-        """
-        if self.segment is None:
-            self.pool_bytes = 0
-            try:
-                self.segment = SharedSegment.create(self.staging_slots * self.slot_bytes)
-            except (ConfigError, OSError) as exc:
-                log.warning("shm transport disabled: %s", exc)
-                return
-        host = store.tier("host") if hasattr(store, "tier") else None
-        buffer = getattr(host, "buffer", None)
-        if buffer is None or self._offset(buffer) is None:
-            log.warning("shm: the host tier is not in shared memory; gets are staged (one extra copy)")
-            self.pool_bytes = 0
-        seg = self.segment
-        staging = ls.StagingPool(seg.tensor[self.pool_bytes :], self.slot_bytes)
-        self.leases = ls.LeaseServer(
-            SHM_BASE,
-            staging,
-            self._offset,
-            lambda slot: self.pool_bytes + slot * self.slot_bytes,
-            lease_ttl_s=self.lease_ttl_s,
-            max_reserved_bytes=ls.reservation_bound(self.pool_bytes, self.slot_bytes, staging.num_slots),
-        )
-        self._handlers = dict(self.leases.handlers())
-
-    def _offset(self, data: torch.Tensor) -> int | None:
-        """Offset of ``data`` in the segment when it lies inside the host pool part, else ``None``."""
-        if self.segment is None or not data.is_cpu:
-            return None
-        base = self.segment.tensor.data_ptr()
-        ptr = data.data_ptr()
-        end = ptr + data.numel() * data.element_size()
-        limit = base + (self.pool_bytes or self.segment.size)
-        return ptr - base if base <= ptr and end <= limit else None
-
-    def handlers(self) -> Mapping[int, Any]:
-        """SHM_ATTACH and the four lease operations."""
-
-        async def on_attach(conn: Any, header: Header, meta: Any) -> None:
-            if self.segment is None:
-                raise RemoteError("the shm transport is not available on this server", "unsupported")
-            reply = ShmAttachReply(
-                segment=self.segment.name, size=self.segment.size, pool_bytes=self.pool_bytes
-            )
-            await conn.reply(SHM_BASE + ls.ATTACH, header.request_id, reply)
-
-        def lease_op(offset: int) -> Any:
-            async def handler(conn: Any, header: Header, meta: Any) -> None:
-                target = self._handlers.get(SHM_BASE + offset)
-                if target is None:
-                    raise RemoteError("the shm transport is not available on this server", "unsupported")
-                await target(conn, header, meta)
-
-            return handler
-
-        out: dict[int, Any] = {SHM_BASE + ls.ATTACH: on_attach}
-        for offset in (ls.GET, ls.RELEASE, ls.PUT_BEGIN, ls.PUT_COMMIT):
-            out[SHM_BASE + offset] = lease_op(offset)
-        return out
-
-    def connection_closed(self, connection: Any) -> None:
-        """End the connection's leases."""
-        if self.leases is not None:
-            self.leases.owner_closed(id(connection))
-
-    def close(self) -> None:
-        """End every lease and unlink the segment."""
-        if self.leases is not None:
-            self.leases.close()
-        if self.segment is not None:
-            self.segment.close()
-
-
 class ShmTransport(ls.LeaseTransport):
     """``kvs+shm://host:port``: the kvs control connection plus the server's mapped host pool."""
 
@@ -549,13 +245,13 @@ class ShmTransport(ls.LeaseTransport):
                 continue
             ptr = local.data_ptr()
             dst, src = (base + position, ptr) if to_segment else (ptr, base + position)
-            if n <= _PIECE_BYTES:
+            if n <= PIECE_BYTES:
                 pieces.append((dst, src, n))
                 continue
-            for offset in range(0, n, _PIECE_BYTES):
-                pieces.append((dst + offset, src + offset, min(_PIECE_BYTES, n - offset)))
+            for offset in range(0, n, PIECE_BYTES):
+                pieces.append((dst + offset, src + offset, min(PIECE_BYTES, n - offset)))
         if pieces:
-            _COPIER.copy(pieces)
+            COPIER.copy(pieces)
         del mapping
 
     def close(self) -> None:

@@ -18,13 +18,13 @@ from kvstrata.errors import (
     InvalidArgumentError,
     RequestTimeoutError,
 )
+from kvstrata.server.extension import server_extension_class
 from kvstrata.transport import protocol as p
 from kvstrata.transport import tcp
 from kvstrata.transport.base import (
     DEFAULT_PORT,
     parse_url,
     register_transport,
-    server_extension_class,
     transport_class,
 )
 from kvstrata.transport.tcp import TcpTransport

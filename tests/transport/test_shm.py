@@ -17,6 +17,7 @@ from kvstrata.client import Client
 from kvstrata.errors import AuthenticationError, ConnectError, ProtocolError, RequestTimeoutError
 from kvstrata.kvstore.host import HostTier
 from kvstrata.kvstore.store import Store
+from kvstrata.server import lease as lease_server
 from kvstrata.transport import lease as ls
 from kvstrata.transport.base import TransportOptions, parse_url
 from kvstrata.transport.shm import SHM_DIR, SharedSegment, ShmTransport, sweep_stale_segments
@@ -196,15 +197,15 @@ def test_server_killed_mid_stream_then_restarted(shm_server: ServeProcess) -> No
 # -- the lease rules, on a real store, without a server ---------------------------------------------
 
 
-def _lease_server(store: Store, seg: torch.Tensor, pool: int, ttl: float = 30.0) -> ls.LeaseServer:
+def _lease_server(store: Store, seg: torch.Tensor, pool: int, ttl: float = 30.0) -> lease_server.LeaseServer:
     base = seg.data_ptr()
 
     def locate(t: torch.Tensor) -> int | None:
         off = t.data_ptr() - base
         return off if off >= 0 and off + t.numel() <= pool else None
 
-    staging = ls.StagingPool(seg[pool:], 4096)
-    return ls.LeaseServer(0x40, staging, locate, lambda slot: pool + slot * 4096, lease_ttl_s=ttl)
+    staging = lease_server.StagingPool(seg[pool:], 4096)
+    return lease_server.LeaseServer(0x40, staging, locate, lambda slot: pool + slot * 4096, lease_ttl_s=ttl)
 
 
 def test_a_leased_slot_is_not_reused_and_an_expired_lease_reads_as_invalid() -> None:
@@ -318,7 +319,7 @@ class _SlowShmTransport(ShmTransport):
 
 @pytest.mark.parametrize(("ttl", "hit"), [(0.02, False), (30.0, True)])
 def test_bytes_read_under_an_expired_lease_are_a_miss(ttl: float, hit: bool) -> None:
-    from kvstrata.transport.shm import ShmServerExtension
+    from kvstrata.server.shm import ShmServerExtension
     from tests.transport.servers import InProcessServer
 
     ext = ShmServerExtension(None, staging_slots=2, lease_ttl_s=ttl)
@@ -355,7 +356,7 @@ def test_a_segment_larger_than_free_shared_memory_is_refused() -> None:
 def test_too_little_shared_memory_degrades_instead_of_failing() -> None:
     from types import SimpleNamespace
 
-    from kvstrata.transport.shm import ShmServerExtension
+    from kvstrata.server.shm import ShmServerExtension
 
     st = os.statvfs(SHM_DIR)
     too_big = st.f_bavail * st.f_frsize + (1 << 30)

@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from kvstrata.errors import ProtocolError
-from kvstrata.transport import shm
+from kvstrata.transport import hostcopy
 from kvstrata.transport.base import ServerAddress, TransportOptions
-from kvstrata.transport.shm import HostCopier, SharedSegment, ShmTransport
+from kvstrata.transport.hostcopy import HostCopier
+from kvstrata.transport.shm import SharedSegment, ShmTransport
 
 
 def _pieces(src: torch.Tensor, dst: torch.Tensor, sizes: list[int]) -> list[tuple[int, int, int]]:
@@ -126,7 +127,9 @@ def _pinned_copy(copier: HostCopier, cpu: int, pieces: list[tuple[int, int, int]
         os.sched_setaffinity(0, before)
 
 
-@pytest.mark.skipif(shm._CPU is None or len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs, sched_getcpu")
+@pytest.mark.skipif(
+    hostcopy._CPU is None or len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs, sched_getcpu"
+)
 def test_the_helpers_are_kept_off_the_callers_cpu() -> None:
     src = torch.randint(0, 256, (4 << 20,), dtype=torch.uint8)
     dst = torch.zeros_like(src)

@@ -10,13 +10,14 @@ import torch
 
 from kvstrata.kvstore.host import HostTier
 from kvstrata.kvstore.store import Store
+from kvstrata.server import lease as lease_server
 from kvstrata.transport import lease as ls
 from tests.transport.test_shm import _lease_server
 
 SLOT = 4096
 
 
-def make(pool_slots: int = 4, staging_slots: int = 2) -> tuple[Store, torch.Tensor, ls.LeaseServer]:
+def make(pool_slots: int = 4, staging_slots: int = 2) -> tuple[Store, torch.Tensor, lease_server.LeaseServer]:
     pool = pool_slots * SLOT
     seg = torch.zeros(pool + staging_slots * SLOT, dtype=torch.uint8)
     store = Store([HostTier(pool, SLOT, buffer=seg[:pool])])
@@ -95,7 +96,7 @@ def test_reservations_are_bounded_then_staging_then_none() -> None:
         store.close()
 
 
-def _shared_pool(pool_slots: int, staging_slots: int) -> tuple[Store, ls.LeaseServer, int, int]:
+def _shared_pool(pool_slots: int, staging_slots: int) -> tuple[Store, lease_server.LeaseServer, int, int]:
     """A Store whose host pool is the head of one segment, and a LeaseServer bounded by
     :func:`reservation_bound`, as the shm extension builds them; returns (store, leases, pool, bound)."""
     pool = pool_slots * SLOT
@@ -107,9 +108,11 @@ def _shared_pool(pool_slots: int, staging_slots: int) -> tuple[Store, ls.LeaseSe
         off = t.data_ptr() - base
         return off if off >= 0 and off + t.numel() <= pool else None
 
-    bound = ls.reservation_bound(pool, SLOT, staging_slots)
-    staging = ls.StagingPool(seg[pool:], SLOT)
-    leases = ls.LeaseServer(0x40, staging, locate, lambda slot: pool + slot * SLOT, max_reserved_bytes=bound)
+    bound = lease_server.reservation_bound(pool, SLOT, staging_slots)
+    staging = lease_server.StagingPool(seg[pool:], SLOT)
+    leases = lease_server.LeaseServer(
+        0x40, staging, locate, lambda slot: pool + slot * SLOT, max_reserved_bytes=bound
+    )
     return store, leases, pool, bound
 
 
@@ -117,7 +120,10 @@ def test_reservations_up_to_the_given_bound_and_past_a_chunk_too_large() -> None
     staging_slots = 2
     store, leases, pool, bound = _shared_pool(8, staging_slots)
     staging = leases.staging
-    assert bound == 4 * SLOT and ls.reservation_bound(2 * SLOT, SLOT, staging_slots) == staging_slots * SLOT
+    assert (
+        bound == 4 * SLOT
+        and lease_server.reservation_bound(2 * SLOT, SLOT, staging_slots) == staging_slots * SLOT
+    )
     try:
         # A chunk larger than a slot gets nothing; reserving goes on after it.
         begin = leases.put_begin(1, [SLOT, 2 * SLOT, SLOT, SLOT, SLOT, SLOT, SLOT, SLOT], store)
