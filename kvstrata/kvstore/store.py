@@ -40,8 +40,6 @@ simply skipped).
 from __future__ import annotations
 
 import logging
-import os
-import queue
 import sys
 import threading
 from collections.abc import Callable, Sequence
@@ -61,10 +59,12 @@ from kvstrata.errors import (
     TierFullError,
     TierIOError,
 )
+from kvstrata.kvstore.background import BackgroundPool
+from kvstrata.kvstore.build import tiers_from_config
 from kvstrata.kvstore.memory import PooledTier, SlotReservation
 from kvstrata.kvstore.tier import ListenerSet, Tier, TierEvent, TierListener, TierStats
 
-__all__ = ["PrefixLookup", "Store", "StoreReservation", "available_memory_bytes"]
+__all__ = ["PrefixLookup", "Store", "StoreReservation"]
 
 _T = TypeVar("_T")
 
@@ -94,21 +94,6 @@ class _Job:
     kind: str  # "copy_down" | "promote" | "relieve"
     key: bytes = b""
     tier: int = 0
-
-
-def available_memory_bytes() -> int:
-    """RAM available to new allocations: ``MemAvailable`` of /proc/meminfo, else free pages (sysconf)."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
-    except (OSError, ValueError):
-        return 0
 
 
 def _put_if_absent(tier: Tier, key: bytes, data: torch.Tensor, meta: ChunkMeta, *, evict: bool) -> None:
@@ -244,20 +229,15 @@ class Store:
         )
         self._listeners = ListenerSet("store")
         self._unsubscribe = [t.subscribe(self._forward) for t in self.tiers]
-        self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=demotion_queue)
-        self._cond = threading.Condition()
-        self._pending = 0  # jobs queued or running
+        # guards the sets below and the error count (the pool has its own lock)
+        self._cond = threading.Lock()
         self._relieving: set[int] = set()  # tiers with a watermark demotion queued or running
         self._promoting: set[bytes] = set()
         self.background_errors = 0
-        self.skipped_jobs = 0
         self._closed = False
-        self._workers = [
-            threading.Thread(target=self._work, name=f"kvstrata-demotion-{i}", daemon=True)
-            for i in range(demotion_workers)
-        ]
-        for worker in self._workers:
-            worker.start()
+        self._background: BackgroundPool[_Job] = BackgroundPool(
+            self._run_job, queue_size=demotion_queue, workers=demotion_workers, name="kvstrata-demotion"
+        )
 
     @classmethod
     def from_config(cls, config: StoreConfig, *, host_buffer: torch.Tensor | None = None) -> Store:
@@ -266,37 +246,8 @@ class Store:
         ``host_buffer`` (optional): a caller-owned 1-D ``uint8`` CPU tensor (e.g. POSIX shared memory for
         the ``shm`` transport) to carve the host tier's pool from; its size then bounds the host tier.
         """
-        from kvstrata.kvstore.device import DeviceTier, resolve_device
-        from kvstrata.kvstore.host import HostTier
-
-        tiers: list[Tier] = []
-        slot = config.slot_bytes
-        if config.device_cache_bytes > 0:
-            device = resolve_device(config.device)
-            # "auto" without CUDA would only duplicate the host tier in host memory: leave it out.
-            if device.type != "cpu" or config.device != "auto":
-                tiers.append(
-                    DeviceTier(config.device_cache_bytes, slot, device=device, policy=config.eviction)
-                )
-        host_bytes = config.host_cache_bytes
-        if host_bytes == 0:
-            host_bytes = int(available_memory_bytes() * config.host_cache_fraction)
-        if host_buffer is not None:
-            host_bytes = min(max(host_bytes, slot), host_buffer.numel())
-            tiers.append(HostTier(host_bytes, slot, buffer=host_buffer, policy=config.eviction))
-        elif host_bytes > 0:
-            # At least one slot; the pool commits pages only as slots come into use.
-            tiers.append(HostTier(max(host_bytes, slot), slot, policy=config.eviction))
-        if config.disk_cache_bytes > 0:
-            from kvstrata.config import default_cache_dir
-            from kvstrata.kvstore.disk import DiskTier
-
-            directory = config.disk_dir or default_cache_dir()
-            tiers.append(
-                DiskTier(directory, config.disk_cache_bytes, fsync=config.disk_fsync, policy=config.eviction)
-            )
         return cls(
-            tiers,
+            tiers_from_config(config, host_buffer=host_buffer),
             write_through=config.write_through,
             demotion_queue=config.demotion_queue,
             demotion_workers=config.demotion_workers,
@@ -662,10 +613,14 @@ class Store:
     def _forward(self, event: TierEvent) -> None:
         self._listeners.emit(event)
 
+    @property
+    def skipped_jobs(self) -> int:
+        """Background items skipped because the queue was full (promotions, watermark demotions)."""
+        return self._background.skipped
+
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until background work is idle; ``False`` if ``timeout`` seconds passed first."""
-        with self._cond:
-            return self._cond.wait_for(lambda: self._pending == 0, timeout)
+        return self._background.flush(timeout)
 
     def close(self) -> None:
         """Finish background work (up to 30 s), stop the workers and close every tier."""
@@ -673,15 +628,7 @@ class Store:
             if self._closed:
                 return
             self._closed = True
-        if not self.flush(timeout=30.0):
-            log.warning("store: closing with background work still pending")
-        for _ in self._workers:
-            try:
-                self._queue.put(None, timeout=5.0)
-            except queue.Full:  # workers stuck on a hung tier: they are daemons, leave them
-                break
-        for worker in self._workers:
-            worker.join(timeout=5.0)
+        self._background.close(timeout=30.0)
         for unsubscribe in self._unsubscribe:
             unsubscribe()
         for tier in self.tiers:
@@ -716,36 +663,8 @@ class Store:
                 self._relieving.discard(index)
 
     def _submit(self, job: _Job, *, run_if_full: bool) -> bool:
-        """Queue ``job``; if the queue is full, run it here (``run_if_full``) or skip it (``False``)."""
-        with self._cond:
-            if self._closed:
-                return False
-            self._pending += 1
-        try:
-            self._queue.put_nowait(job)
-            return True
-        except queue.Full:
-            with self._cond:
-                self._pending -= 1
-                self._cond.notify_all()
-        if run_if_full:
-            self._run_job(job)
-            return True
-        with self._cond:
-            self.skipped_jobs += 1
-        return False
-
-    def _work(self) -> None:
-        while True:
-            job = self._queue.get()
-            if job is None:
-                return
-            try:
-                self._run_job(job)
-            finally:
-                with self._cond:
-                    self._pending -= 1
-                    self._cond.notify_all()
+        """Queue ``job`` on the background pool (see :class:`BackgroundPool` for a full queue)."""
+        return self._background.submit(job, run_if_full=run_if_full)
 
     def _run_job(self, job: _Job) -> None:
         """Run one background item; a failure is logged and counted, never raised (workers survive)."""

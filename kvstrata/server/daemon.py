@@ -46,7 +46,7 @@ def load_extensions(config: KVStrataConfig) -> list[ServerExtension]:
 
 def build_store(config: StoreConfig, extensions: Sequence[ServerExtension] = ()) -> Store:
     """The Store of ``config``; an extension may place the host tier's pool (e.g. in shared memory)."""
-    from kvstrata.kvstore.store import available_memory_bytes
+    from kvstrata.kvstore.build import available_memory_bytes
 
     host_bytes = config.host_cache_bytes or int(available_memory_bytes() * config.host_cache_fraction)
     host_bytes = max(host_bytes, config.slot_bytes)

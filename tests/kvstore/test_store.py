@@ -17,7 +17,8 @@ from kvstrata.core.chunk import ChunkMeta
 from kvstrata.errors import ChunkTooLargeError, InvalidArgumentError, StoreError, TierFullError
 from kvstrata.kvstore.device import DeviceTier
 from kvstrata.kvstore.host import HostTier
-from kvstrata.kvstore.store import PrefixLookup, Store, available_memory_bytes
+from kvstrata.kvstore.build import available_memory_bytes
+from kvstrata.kvstore.store import PrefixLookup, Store
 from kvstrata.kvstore.tier import Tier, TierEvent
 from tests.kvstore.conformance_tier import check_stamped, chunk_key, meta_for, pattern, stamped
 from tests.kvstore.faulty import FaultyTier
