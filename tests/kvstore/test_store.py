@@ -15,9 +15,9 @@ from prometheus_client import REGISTRY
 from kvstrata.config import StoreConfig
 from kvstrata.core.chunk import ChunkMeta
 from kvstrata.errors import ChunkTooLargeError, InvalidArgumentError, StoreError, TierFullError
+from kvstrata.kvstore.build import available_memory_bytes
 from kvstrata.kvstore.device import DeviceTier
 from kvstrata.kvstore.host import HostTier
-from kvstrata.kvstore.build import available_memory_bytes
 from kvstrata.kvstore.store import PrefixLookup, Store
 from kvstrata.kvstore.tier import Tier, TierEvent
 from tests.kvstore.conformance_tier import check_stamped, chunk_key, meta_for, pattern, stamped
