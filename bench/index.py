@@ -105,7 +105,7 @@ def bench_events_ingest() -> None:
     import zmq
 
     from kvstrata.core.keys import Namespace
-    from kvstrata.index.events import EngineEndpoint, EventIngester
+    from kvstrata.index.ingest import EngineEndpoint, EventIngester
 
     block_size, blocks_per_event, batches = 16, 32, 300
     payloads = []

@@ -75,7 +75,7 @@ def run(
     from kvstrata.config import load_config
     from kvstrata.errors import KVStrataError
     from kvstrata.index.base import open_index
-    from kvstrata.index.events import EventIngester, parse_endpoint
+    from kvstrata.index.ingest import EventIngester, parse_endpoint
     from kvstrata.logs import setup_logging
 
     try:

@@ -28,7 +28,7 @@ from kvstrata.errors import InvalidArgumentError
 from kvstrata.index.base import BlockIndex
 
 if TYPE_CHECKING:
-    from kvstrata.index.events import EventIngester
+    from kvstrata.index.ingest import EventIngester
 
 __all__ = ["MAX_BODY_BYTES", "MAX_TOKENS", "LookupRequest", "lookup_request", "make_app"]
 

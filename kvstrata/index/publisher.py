@@ -5,7 +5,7 @@ store (``tier.subscribe(publisher)``, or :meth:`TierEventPublisher.attach`) and 
 cleared event goes out on a ZMQ PUB socket exactly as vLLM's ``ZmqEventPublisher`` frames it — topic, 8-byte
 big-endian sequence from 0, msgpack ``[ts, events, dp_rank]`` — with a ROUTER replay socket that serves
 buffered batches from a start sequence and ends with sequence -1. So kvstrata's offloaded tiers are visible
-to any router that reads vLLM's KV events, including :class:`kvstrata.index.events.EventIngester`.
+to any router that reads vLLM's KV events, including :class:`kvstrata.index.ingest.EventIngester`.
 
 How kvstrata's blocks appear in vLLM's format:
 
@@ -32,70 +32,21 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
-from typing import Any, Literal, Protocol
+from collections.abc import Callable
+from typing import Literal, Protocol
 
-import msgspec
-
+from kvstrata.index.event_format import encode_events
 from kvstrata.kvstore.tier import TierEvent
 
-__all__ = ["TIER_MEDIUMS", "TierEventPublisher", "encode_events"]
+__all__ = ["TierEventPublisher"]
 
 log = logging.getLogger(__name__)
 
-#: kvstrata tier -> vLLM medium name.
-TIER_MEDIUMS: Mapping[str, str] = {"device": "GPU", "host": "CPU", "disk": "DISK", "remote": "REMOTE"}
 _END_SEQ = (-1).to_bytes(8, "big", signed=True)
 
 
 class _Subscribable(Protocol):
     def subscribe(self, listener: Callable[[TierEvent], None]) -> Callable[[], None]: ...
-
-
-def encode_events(
-    events: list[TierEvent],
-    *,
-    block_size: int,
-    encoding: Literal["map", "array"] = "map",
-    int_hashes: bool = False,
-    data_parallel_rank: int = 0,
-    ts: float | None = None,
-) -> bytes:
-    """The msgpack payload of one batch of tier events, in vLLM's format (see the module docstring)."""
-    out: list[Any] = []
-    for event in events:
-        medium = TIER_MEDIUMS.get(event.tier, event.tier.upper())
-        if event.kind == "cleared":
-            if encoding == "map":
-                out.append({"type": "AllBlocksCleared", "medium": medium})
-            else:
-                out.append(["AllBlocksCleared", medium])
-            continue
-        if not event.block_keys:
-            continue
-        keys = event.block_keys
-        hashes: list[Any] = [int.from_bytes(k[-8:], "big") for k in keys] if int_hashes else list(keys)
-        if event.kind == "stored":
-            if encoding == "map":
-                out.append(
-                    {
-                        "type": "BlockStored",
-                        "block_hashes": hashes,
-                        "parent_block_hash": None,
-                        "token_ids": [],
-                        "block_size": block_size,
-                        "lora_id": None,
-                        "medium": medium,
-                        "lora_name": None,
-                    }
-                )
-            else:
-                out.append(["BlockStored", hashes, None, [], block_size, None, medium, None])
-        elif encoding == "map":
-            out.append({"type": "BlockRemoved", "block_hashes": hashes, "medium": medium})
-        else:
-            out.append(["BlockRemoved", hashes, medium])
-    return msgspec.msgpack.encode([time.time() if ts is None else ts, out, data_parallel_rank])
 
 
 class TierEventPublisher:

@@ -23,7 +23,8 @@ from kvstrata.config import IndexConfig
 from kvstrata.core.keys import Namespace, block_keys
 from kvstrata.errors import InvalidArgumentError
 from kvstrata.index.base import BlockIndex, open_index
-from kvstrata.index.events import EngineEndpoint, EventIngester, decode_batch, parse_endpoint
+from kvstrata.index.event_format import decode_batch
+from kvstrata.index.ingest import EngineEndpoint, EventIngester, parse_endpoint
 from kvstrata.index.memory import MemoryBlockIndex
 from tests.conftest import RedisServer, free_port
 from tests.index.conformance_index import summary

@@ -14,9 +14,10 @@ from kvstrata.config import IndexConfig
 from kvstrata.core.chunk import ChunkMeta
 from kvstrata.core.keys import Namespace, block_keys, chunk_keys
 from kvstrata.index.base import InstanceMatch
-from kvstrata.index.events import EngineEndpoint, EventIngester, decode_batch
+from kvstrata.index.event_format import decode_batch, encode_events
+from kvstrata.index.ingest import EngineEndpoint, EventIngester
 from kvstrata.index.memory import MemoryBlockIndex
-from kvstrata.index.publisher import TierEventPublisher, encode_events
+from kvstrata.index.publisher import TierEventPublisher
 from kvstrata.kvstore.host import HostTier
 from kvstrata.kvstore.tier import TierEvent
 from tests.conftest import free_port

@@ -1,5 +1,7 @@
 """Engine KV-event ingestion: vLLM's ZMQ KV events (and kvstrata's own, same format) into a BlockIndex.
 
+The format itself (both directions) is in :mod:`kvstrata.index.event_format`.
+
 Wire format (vLLM ``ZmqEventPublisher``): a PUB socket sends three frames per batch — topic, an 8-byte
 big-endian sequence number (from 0), a msgpack payload. The payload is the batch ``[ts, events, dp_rank]``
 (a map ``{"ts", "events", "data_parallel_rank"}`` is accepted too). Each event is either a map tagged with
@@ -43,198 +45,28 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
-
-import msgspec
 
 from kvstrata.core.keys import KEY_BYTES, ROOT_PARENT, ExtraKey, Namespace, block_keys
 from kvstrata.errors import InvalidArgumentError, KVStrataError
 from kvstrata.index.base import TIERS, BlockIndex
+from kvstrata.index.event_format import (
+    DEFAULT_MEDIUM_TIERS,
+    END_SEQ,
+    MAX_PAYLOAD_BYTES,
+    AllBlocksCleared,
+    BlockRemoved,
+    BlockStored,
+    EngineHash,
+    Event,
+    decode_batch,
+    flatten_extra_keys,
+)
 
-__all__ = [
-    "DEFAULT_MEDIUM_TIERS",
-    "AllBlocksCleared",
-    "BlockRemoved",
-    "BlockStored",
-    "EngineEndpoint",
-    "EventBatch",
-    "EventIngester",
-    "IngestStats",
-    "decode_batch",
-    "parse_endpoint",
-]
+__all__ = ["EngineEndpoint", "EventIngester", "IngestStats", "parse_endpoint"]
 
 log = logging.getLogger(__name__)
-
-#: vLLM's medium names -> kvstrata tiers (``None`` is the engine's GPU prefix cache).
-DEFAULT_MEDIUM_TIERS: Mapping[str, str] = {"GPU": "device", "CPU": "host", "DISK": "disk", "REMOTE": "remote"}
-#: Largest payload accepted (ZMQ drops bigger messages before allocating them).
-MAX_PAYLOAD_BYTES = 64 * 1024**2
-_MAX_BLOCK_SIZE = 1 << 16
-_END_SEQ = -1
-
-EngineHash = Union[int, bytes]
-
-
-@dataclass(frozen=True, slots=True)
-class BlockStored:
-    """Blocks an engine stored (``token_ids`` covers them all, ``block_size`` each)."""
-
-    block_hashes: list[EngineHash]
-    parent_block_hash: EngineHash | None
-    token_ids: list[int]
-    block_size: int
-    medium: str | None = None
-    lora_name: str | None = None
-    extra_keys: list[Any] | None = None
-    group_idx: int | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class BlockRemoved:
-    """Blocks an engine dropped from ``medium``."""
-
-    block_hashes: list[EngineHash]
-    medium: str | None = None
-    group_idx: int | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class AllBlocksCleared:
-    """An engine dropped every block of ``medium`` (its GPU prefix cache when ``None``)."""
-
-    medium: str | None = None
-
-
-Event = Union[BlockStored, BlockRemoved, AllBlocksCleared]
-
-
-@dataclass(frozen=True, slots=True)
-class EventBatch:
-    """A decoded payload: the events (unknown or malformed ones already dropped and counted)."""
-
-    ts: float
-    events: list[Event]
-    data_parallel_rank: int | None = None
-    malformed: int = 0
-
-
-def _hash(value: Any) -> EngineHash:
-    if isinstance(value, bool) or not isinstance(value, (int, bytes)):
-        raise ValueError("a block hash is an int or bytes")
-    return value
-
-
-def _hashes(value: Any) -> list[EngineHash]:
-    if not isinstance(value, (list, tuple)):
-        raise ValueError("block_hashes is a list")
-    # one C-level pass over the element types (ints, or bytes): the common case costs no Python call per hash
-    kinds = set(map(type, value))
-    if not kinds <= {int, bytes}:
-        raise ValueError("a block hash is an int or bytes")
-    return value if isinstance(value, list) else list(value)
-
-
-def _opt_str(value: Any) -> str | None:
-    return value if isinstance(value, str) else None
-
-
-def _opt_int(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-def _event(raw: Any) -> Event | None:
-    """One event from its map or positional form; ``None`` for an unknown type; ValueError if malformed."""
-    if isinstance(raw, dict):
-        kind = raw.get("type")
-        get = raw.get
-    elif isinstance(raw, (list, tuple)) and raw:
-        kind = raw[0]
-        names = {
-            "BlockStored": (
-                "block_hashes",
-                "parent_block_hash",
-                "token_ids",
-                "block_size",
-                "lora_id",
-                "medium",
-                "lora_name",
-                "extra_keys",
-                "group_idx",
-            ),
-            "BlockRemoved": ("block_hashes", "medium", "group_idx"),
-            "AllBlocksCleared": ("medium",),
-        }.get(kind if isinstance(kind, str) else "", ())
-        fields = dict(zip(names, raw[1:], strict=False))
-        get = fields.get
-    else:
-        raise ValueError("an event is a map or an array")
-    if kind == "BlockStored":
-        tokens = get("token_ids")
-        block_size = get("block_size")
-        # the ids themselves are checked (integers in [0, 2**32)) when they are hashed, in one numpy pass
-        if not isinstance(tokens, (list, tuple)):
-            raise ValueError("token_ids is a list of ints")
-        if not isinstance(block_size, int) or not 0 < block_size <= _MAX_BLOCK_SIZE:
-            raise ValueError("block_size is a positive int")
-        parent = get("parent_block_hash")
-        extra = get("extra_keys")
-        return BlockStored(
-            _hashes(get("block_hashes")),
-            None if parent is None else _hash(parent),
-            tokens if isinstance(tokens, list) else list(tokens),
-            block_size,
-            _opt_str(get("medium")),
-            _opt_str(get("lora_name")),
-            list(extra) if isinstance(extra, (list, tuple)) else None,
-            _opt_int(get("group_idx")),
-        )
-    if kind == "BlockRemoved":
-        return BlockRemoved(_hashes(get("block_hashes")), _opt_str(get("medium")), _opt_int(get("group_idx")))
-    if kind == "AllBlocksCleared":
-        return AllBlocksCleared(_opt_str(get("medium")))
-    return None
-
-
-def decode_batch(payload: bytes) -> EventBatch:
-    """Decode one msgpack payload; raises :class:`InvalidArgumentError` if it is not a batch at all."""
-    try:
-        raw = msgspec.msgpack.decode(payload)
-    except (msgspec.DecodeError, UnicodeDecodeError, ValueError) as exc:
-        raise InvalidArgumentError(f"KV-event payload is not msgpack: {exc}") from exc
-    if isinstance(raw, dict):
-        ts, events, rank = raw.get("ts"), raw.get("events"), raw.get("data_parallel_rank")
-    elif isinstance(raw, (list, tuple)) and len(raw) >= 2:
-        ts, events = raw[0], raw[1]
-        rank = raw[2] if len(raw) > 2 else None
-    else:
-        raise InvalidArgumentError("KV-event payload is not a batch")
-    if not isinstance(events, (list, tuple)):
-        raise InvalidArgumentError("KV-event batch has no event list")
-    out: list[Event] = []
-    malformed = 0
-    for item in events:
-        try:
-            event = _event(item)
-        except ValueError:
-            malformed += 1
-            continue
-        if event is not None:
-            out.append(event)
-    return EventBatch(float(ts) if isinstance(ts, (int, float)) else 0.0, out, _opt_int(rank), malformed)
-
-
-def _flatten_extra(item: Any, out: list[ExtraKey]) -> None:
-    if item is None:
-        return
-    if isinstance(item, (list, tuple)):
-        for sub in item:
-            _flatten_extra(sub, out)
-    elif isinstance(item, (str, bytes)) or (isinstance(item, int) and not isinstance(item, bool)):
-        out.append(item)
-    else:
-        out.append(str(item))
 
 
 @dataclass(frozen=True, slots=True)
@@ -468,7 +300,7 @@ class EventIngester:
                 self.stats.malformed += 1
                 continue
             seq = int.from_bytes(frames[1], "big", signed=True)
-            if seq == _END_SEQ:
+            if seq == END_SEQ:
                 break
             if seq < expected or seq >= until:
                 continue
@@ -554,7 +386,7 @@ class EventIngester:
                 per_block = []
                 for item in event.extra_keys[:n]:
                     flat: list[ExtraKey] = []
-                    _flatten_extra(item, flat)
+                    flatten_extra_keys(item, flat)
                     per_block.append(flat)
             elif event.lora_name:
                 common = [event.lora_name]
