@@ -37,6 +37,7 @@ lint: setup
 	$(VENV)/bin/ruff check kvstrata tests bench
 	$(VENV)/bin/ruff format --check kvstrata tests bench
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 BENCHES ?= keys store index transport kernels lmcache_compare
 # Every benchmark prints JSON lines (see bench/_common.py); they are collected in bench/out/latest.jsonl and

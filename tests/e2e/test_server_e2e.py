@@ -207,6 +207,7 @@ def test_version_mismatch_fails_at_hello(server: ServeProcess) -> None:
     err = p.decode_meta(reply.opcode, True, _recv(sock, reply.meta_len))
     assert err.code == "version_mismatch" and "version 1" in err.message
     assert sock.recv(1) == b"", "the server closes the connection"
+    sock.close()
     # And a client meeting a server of another version fails at once, naming both versions.
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
@@ -220,8 +221,8 @@ def test_version_mismatch_fails_at_hello(server: ServeProcess) -> None:
 
     thread = threading.Thread(target=fake_server)
     thread.start()
-    with pytest.raises(VersionMismatchError, match="version 2"):
-        Client(f"kvs://127.0.0.1:{port}").get(chunk_key(1))
+    with Client(f"kvs://127.0.0.1:{port}") as client, pytest.raises(VersionMismatchError, match="version 2"):
+        client.get(chunk_key(1))
     thread.join()
     listener.close()
 

@@ -435,7 +435,8 @@ def _kill_mid_write(directory: Path, size: int) -> tuple[list[bytes], bool]:
     finally:
         proc.kill()
         proc.wait(timeout=20)
-    committed += [bytes.fromhex(line.decode().strip()) for line in proc.stdout if line.strip()]
+    with proc.stdout:
+        committed += [bytes.fromhex(line.decode().strip()) for line in proc.stdout if line.strip()]
     return committed, bool(temp_files(directory))
 
 

@@ -24,8 +24,12 @@ pytestmark = pytest.mark.timeout(60)
 class Raw:
     """A raw protocol peer: frames out, frames in."""
 
+    #: every peer opened by the running test, closed after it (a test that fails midway leaks none)
+    opened: list[Raw] = []
+
     def __init__(self, port: int, hello: bool = True) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        Raw.opened.append(self)
         self.decoder = p.FrameDecoder(1 << 30, replies=True)
         self.pending: list[p.Frame] = []
         greeting_header = p.parse_header(self.recv_exact(p.HEADER_SIZE), 1 << 30)
@@ -73,6 +77,13 @@ class Raw:
 
     def close(self) -> None:
         self.sock.close()
+
+
+@pytest.fixture(autouse=True)
+def _close_raw_peers() -> Iterator[None]:
+    yield
+    while Raw.opened:
+        Raw.opened.pop().close()
 
 
 @pytest.fixture
