@@ -38,7 +38,7 @@ import torch
 
 from kvstrata.config import ClientConfig
 from kvstrata.core.buffers import BufferLike, as_byte_tensor
-from kvstrata.core.chunk import EMPTY_META, ChunkMeta, check_key
+from kvstrata.core.chunk import EMPTY_META, ChunkMeta, PrefixResult, check_key
 from kvstrata.core.keys import ChunkKey
 from kvstrata.errors import (
     ConnectError,
@@ -47,7 +47,6 @@ from kvstrata.errors import (
     RequestTimeoutError,
 )
 from kvstrata.transport.base import (
-    PrefixResult,
     PutSpec,
     ServerAddress,
     Transport,
@@ -408,21 +407,32 @@ class Client:
         return out
 
     def lookup_prefix(self, keys: Sequence[KeyLike], *, timeout: float | None = None) -> PrefixResult:
-        """How many leading chunks are held, and where: one round trip (per server).
+        """How many leading chunks are held, and where: one round trip per server.
 
-        With one server ``tiers`` names the server-side tier of each chunk; with several it names the
-        server URL holding it.
+        ``tiers`` names the server-side tier of each found chunk, ``servers`` the URL of the server that
+        holds it. With several servers each is asked about the keys it owns (a LOOKUP_PREFIX of them, in
+        order); the prefix ends at the first key whose server does not hold it, or did not answer.
         """
         budget = self._timeout(timeout)
         digests = [check_key(k) for k in keys]
-        if not self._several:
-            server = self._servers[0]
-            return server.run(lambda t: t.lookup_prefix(digests, budget), budget)
-        present = self.exists(digests, timeout=budget)
+        answered, _ = self._by_server(
+            digests,
+            lambda t, idx: (t.address.url, t.lookup_prefix([digests[i] for i in idx], budget)),
+            budget,
+            skip_timeouts=True,
+        )
+        tiers: dict[int, str] = {}
+        servers: dict[int, str] = {}
+        for idx, (url, found) in answered:
+            for j in range(found.num_chunks):
+                tiers[idx[j]] = found.tiers[j] if j < len(found.tiers) else ""
+                servers[idx[j]] = url
         count = 0
-        while count < len(present) and present[count]:
+        while count in servers:
             count += 1
-        return PrefixResult(count, tuple(self._owner(d).address.url for d in digests[:count]))
+        return PrefixResult(
+            count, tuple(tiers[i] for i in range(count)), tuple(servers[i] for i in range(count))
+        )
 
     def delete(self, keys: KeyLike | Sequence[KeyLike], *, timeout: float | None = None) -> int:
         """Remove chunks (one key, or a list) from every tier of their server; returns how many were held.

@@ -20,7 +20,7 @@ NIXL, torch) are translated at the boundary with ``raise ... from exc`` so calle
     │   │   └── VersionMismatchError   the peer speaks another protocol version (fails at HELLO)
     │   ├── AuthenticationError        missing or wrong token
     │   └── RemoteError                the server answered with a typed error reply
-    ├── IndexError_                    the global block index (named so as not to shadow IndexError)
+    ├── BlockIndexError                the global block index
     │   └── IndexUnavailableError      the index backend (e.g. Redis) cannot be reached
     ├── KernelError                    paging/compression kernels
     │   └── ChunkFormatError           a chunk buffer whose header is missing, corrupt or of another version
@@ -33,13 +33,13 @@ from __future__ import annotations
 
 __all__ = [
     "AuthenticationError",
+    "BlockIndexError",
     "ChunkFormatError",
     "ChunkTooLargeError",
     "ConfigError",
     "ConnectError",
     "ConnectorError",
     "CorruptChunkError",
-    "IndexError_",
     "IndexUnavailableError",
     "InvalidArgumentError",
     "KVStrataError",
@@ -129,11 +129,11 @@ class RemoteError(TransportError):
         self.code = code
 
 
-class IndexError_(KVStrataError):
+class BlockIndexError(KVStrataError):
     """A failure of the global block index."""
 
 
-class IndexUnavailableError(IndexError_):
+class IndexUnavailableError(BlockIndexError):
     """The index backend (e.g. Redis) cannot be reached."""
 
 

@@ -7,6 +7,7 @@ its :class:`ChunkMeta`. A :class:`ChunkHandle` is a pinned chunk, released exact
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import msgspec
 import torch
@@ -14,7 +15,7 @@ import torch
 from kvstrata.core.keys import KEY_BYTES
 from kvstrata.errors import InvalidArgumentError
 
-__all__ = ["EMPTY_META", "ChunkHandle", "ChunkMeta", "check_key"]
+__all__ = ["EMPTY_META", "ChunkHandle", "ChunkMeta", "PrefixResult", "check_key"]
 
 
 class ChunkMeta(msgspec.Struct, frozen=True, kw_only=True):
@@ -35,6 +36,17 @@ class ChunkMeta(msgspec.Struct, frozen=True, kw_only=True):
 
 
 EMPTY_META = ChunkMeta()
+
+
+@dataclass(frozen=True, slots=True)
+class PrefixResult:
+    """How many leading chunks of a lookup are held (``num_chunks``), and for each of them the highest
+    tier holding it (``tiers``: "device", "host", "disk", "remote") and, from a client, the URL of the
+    server holding it (``servers``; empty from a Store or a single transport)."""
+
+    num_chunks: int
+    tiers: tuple[str, ...] = field(default=())
+    servers: tuple[str, ...] = field(default=())
 
 
 class ChunkHandle:

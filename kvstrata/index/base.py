@@ -19,7 +19,7 @@ Call order and semantics
   do not validate keys (they are on the request path): a key that is not 16 bytes never matches.
 - ``flush(timeout_s)`` makes every write issued before it visible to lookups (backends that batch writes,
   like Redis, apply them in the background); returns ``False`` if that could not be done in time.
-- ``close()`` stops background work; calls after it raise :class:`IndexError_`.
+- ``close()`` stops background work; calls after it raise :class:`BlockIndexError`.
 
 Failure semantics
 -----------------
@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from kvstrata.core.keys import KEY_BYTES
-from kvstrata.errors import IndexError_, InvalidArgumentError
+from kvstrata.errors import BlockIndexError, InvalidArgumentError
 
 if TYPE_CHECKING:
     from kvstrata.config import IndexConfig
@@ -218,7 +218,7 @@ class BlockIndex(ABC):
 
     def _check_open(self) -> None:
         if self._closed:
-            raise IndexError_("the index is closed")
+            raise BlockIndexError("the index is closed")
 
     def __enter__(self) -> BlockIndex:
         return self

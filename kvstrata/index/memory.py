@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from kvstrata.errors import IndexError_
+from kvstrata.errors import BlockIndexError
 from kvstrata.index.base import (
     TIERS,
     BlockIndex,
@@ -129,7 +129,7 @@ class MemoryBlockIndex(BlockIndex):
         if not self._free:
             self._reclaim()
         if not self._free:
-            raise IndexError_(f"the memory index tracks {self._max_slots} instances and all are live")
+            raise BlockIndexError(f"the memory index tracks {self._max_slots} instances and all are live")
         slot = heapq.heappop(self._free)
         inst.slot = slot
         self._slot_owner[slot] = instance

@@ -33,7 +33,7 @@ __all__ = [
     "HEADER_ALIGN",
     "MAGIC",
     "MAX_HEADER_BYTES",
-    "ChunkHeader",
+    "DiskChunkHeader",
     "Hasher",
     "available_checksums",
     "checksum",
@@ -145,7 +145,7 @@ def encode_header(key: bytes, meta: ChunkMeta, payload_len: int, payload_sum: in
 
 
 @dataclass(frozen=True, slots=True)
-class ChunkHeader:
+class DiskChunkHeader:
     """A decoded, verified chunk-file header."""
 
     key: bytes
@@ -156,7 +156,7 @@ class ChunkHeader:
     algorithm: int
 
 
-def decode_header(read: Callable[[int, int], bytes]) -> ChunkHeader:
+def decode_header(read: Callable[[int, int], bytes]) -> DiskChunkHeader:
     """Parse and verify a header; ``read(offset, length)`` returns bytes of the file (maybe fewer).
 
     Raises :class:`ValueError` when the header is truncated, of another format or version, or corrupt.
@@ -194,4 +194,4 @@ def decode_header(read: Callable[[int, int], bytes]) -> ChunkHeader:
         codec=codec_name,
         num_tokens=num_tokens,
     )
-    return ChunkHeader(key, meta, header_len, payload_len, payload_sum, algorithm)
+    return DiskChunkHeader(key, meta, header_len, payload_len, payload_sum, algorithm)

@@ -51,7 +51,7 @@ from prometheus_client import Counter
 
 from kvstrata.config import StoreConfig
 from kvstrata.core.buffers import BufferLike, as_byte_tensor
-from kvstrata.core.chunk import EMPTY_META, ChunkHandle, ChunkMeta, check_key
+from kvstrata.core.chunk import EMPTY_META, ChunkHandle, ChunkMeta, PrefixResult, check_key
 from kvstrata.errors import (
     ChunkTooLargeError,
     InvalidArgumentError,
@@ -64,7 +64,7 @@ from kvstrata.kvstore.build import tiers_from_config
 from kvstrata.kvstore.memory import PooledTier, SlotReservation
 from kvstrata.kvstore.tier import ListenerSet, Tier, TierEvent, TierListener, TierStats
 
-__all__ = ["PrefixLookup", "Store", "StoreReservation"]
+__all__ = ["Store", "StoreReservation"]
 
 _T = TypeVar("_T")
 
@@ -79,14 +79,6 @@ BACKGROUND_ERRORS = Counter(
 
 #: Rounds of "demote the victims, try again" before a put gives up on a tier (other threads may race it).
 _MAKE_ROOM_ROUNDS = 4
-
-
-@dataclass(frozen=True, slots=True)
-class PrefixLookup:
-    """How many leading keys are present (``num_chunks``) and the highest tier holding each of them."""
-
-    num_chunks: int
-    tiers: tuple[str, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -263,7 +255,7 @@ class Store:
         key = check_key(key)
         return any(t.contains(key) for t in self.tiers)
 
-    def lookup_prefix(self, keys: Sequence[bytes]) -> PrefixLookup:
+    def lookup_prefix(self, keys: Sequence[bytes]) -> PrefixResult:
         """How many leading ``keys`` are present (stopping at the first missing one), and where."""
         found: list[str] = []
         for raw in keys:
@@ -274,7 +266,7 @@ class Store:
                     break
             else:
                 break
-        return PrefixLookup(len(found), tuple(found))
+        return PrefixResult(len(found), tuple(found))
 
     def get_meta(self, key: bytes) -> ChunkMeta | None:
         """The metadata of the chunk in the highest tier holding it, or ``None``."""

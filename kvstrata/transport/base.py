@@ -34,19 +34,18 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
 import torch
 
-from kvstrata.core.chunk import ChunkMeta
+from kvstrata.core.chunk import ChunkMeta, PrefixResult
 from kvstrata.core.registry import load_target
 from kvstrata.errors import InvalidArgumentError, KVStrataError
 
 __all__ = [
     "DEFAULT_PORT",
-    "PrefixResult",
     "PutSpec",
     "ServerAddress",
     "Transport",
@@ -125,14 +124,6 @@ class PutSpec:
     key: bytes
     data: torch.Tensor
     meta: ChunkMeta
-
-
-@dataclass(frozen=True, slots=True)
-class PrefixResult:
-    """How many leading keys a server holds, and the highest tier holding each of them."""
-
-    num_chunks: int
-    tiers: tuple[str, ...] = field(default=())
 
 
 def register_transport(scheme: str, target: str) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from kvstrata.core.buffers import byte_view, consume, flat_view
+from kvstrata.core.chunk import PrefixResult
 from kvstrata.errors import (
     AuthenticationError,
     ChunkTooLargeError,
@@ -30,7 +31,7 @@ from kvstrata.errors import (
     VersionMismatchError,
 )
 from kvstrata.transport import protocol as p
-from kvstrata.transport.base import PrefixResult, PutSpec, ServerAddress, Transport, TransportOptions
+from kvstrata.transport.base import PutSpec, ServerAddress, Transport, TransportOptions
 
 __all__ = ["TcpTransport", "byte_view", "consume", "flat_view"]
 

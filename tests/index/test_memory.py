@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import pytest
 
 from kvstrata.config import IndexConfig
-from kvstrata.errors import IndexError_
+from kvstrata.errors import BlockIndexError
 from kvstrata.index.base import open_index
 from kvstrata.index.memory import MemoryBlockIndex
 from tests.index.conformance_index import IndexConformance, make_keys, summary
@@ -73,7 +73,7 @@ def test_too_many_live_instances_is_a_typed_error() -> None:
     keys = make_keys(1)
     idx.add("a", "host", keys)
     idx.add("b", "host", keys)
-    with pytest.raises(IndexError_):
+    with pytest.raises(BlockIndexError):
         idx.add("c", "host", keys)
 
 
@@ -91,5 +91,5 @@ def test_dead_instances_give_their_slot_back() -> None:
 def test_closed_index_raises() -> None:
     idx = MemoryBlockIndex()
     idx.close()
-    with pytest.raises(IndexError_):
+    with pytest.raises(BlockIndexError):
         idx.lookup(make_keys(1))

@@ -13,12 +13,12 @@ import torch
 from prometheus_client import REGISTRY
 
 from kvstrata.config import StoreConfig
-from kvstrata.core.chunk import ChunkMeta
+from kvstrata.core.chunk import ChunkMeta, PrefixResult
 from kvstrata.errors import ChunkTooLargeError, InvalidArgumentError, StoreError, TierFullError
 from kvstrata.kvstore.build import available_memory_bytes
 from kvstrata.kvstore.device import DeviceTier
 from kvstrata.kvstore.host import HostTier
-from kvstrata.kvstore.store import PrefixLookup, Store
+from kvstrata.kvstore.store import Store
 from kvstrata.kvstore.tier import Tier, TierEvent
 from tests.kvstore.conformance_tier import check_stamped, chunk_key, meta_for, pattern, stamped
 from tests.kvstore.faulty import FaultyTier
@@ -298,9 +298,9 @@ def test_lookup_prefix(stores: list[Store]) -> None:
     device.put(keys[2], b"c")
     host.put(keys[2], b"c")
     host.put(keys[4], b"e")  # after the gap: not part of the prefix
-    assert store.lookup_prefix(keys) == PrefixLookup(3, ("device", "host", "device"))
-    assert store.lookup_prefix(keys[3:]) == PrefixLookup(0, ())
-    assert store.lookup_prefix([]) == PrefixLookup(0, ())
+    assert store.lookup_prefix(keys) == PrefixResult(3, ("device", "host", "device"))
+    assert store.lookup_prefix(keys[3:]) == PrefixResult(0, ())
+    assert store.lookup_prefix([]) == PrefixResult(0, ())
     with pytest.raises(InvalidArgumentError):
         store.lookup_prefix([b"short"])
 

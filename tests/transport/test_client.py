@@ -85,7 +85,13 @@ def test_several_servers_spread_keys_and_skip_a_dead_one() -> None:
         on_second = [k for k in keys if second.store.contains(k)]
         assert on_first and on_second and len(on_first) + len(on_second) == len(keys)
         assert client.exists(keys) == [True] * len(keys)
-        assert client.lookup_prefix(keys).num_chunks == len(keys)
+        found = client.lookup_prefix(keys)
+        assert found.num_chunks == len(keys) and found.tiers == ("host",) * len(keys)
+        assert found.servers == tuple(first.url if k in on_first else second.url for k in keys)
+        # The prefix ends at the first key no server holds, whichever server owns the keys after it.
+        gap = keys.index(on_second[1])
+        assert (second.store.remove(keys[gap]), client.lookup_prefix(keys).num_chunks) == (True, gap)
+        client.put(keys[gap], pattern(keys[gap], 100))
         assert {s["server"]["connections"] for s in client.stats().values()} == {1}
         # Same placement from another client (rendezvous hashing is stable).
         other = Client([second.url, first.url])
