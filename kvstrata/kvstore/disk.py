@@ -128,6 +128,7 @@ class DiskTier(Tier):
     """
 
     name = "disk"
+    catalog_meta = True
 
     def __init__(
         self,

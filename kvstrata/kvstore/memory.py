@@ -132,6 +132,8 @@ class SlotReservation:
 class PooledTier(Tier):
     """A tier whose chunks live in the size-classed slots of one preallocated buffer (see the module doc)."""
 
+    catalog_meta = True
+
     def __init__(self, pool: SlotPool, *, policy: str = "lru") -> None:
         super().__init__()
         self._pool = pool
@@ -513,6 +515,16 @@ class PooledTier(Tier):
     def buffer(self) -> torch.Tensor:
         """The pool buffer (offsets from :meth:`slot_span` are relative to it)."""
         return self._pool.buffer
+
+    def pin(self, key: bytes) -> ChunkHandle | None:
+        """Pin the chunk to move it between tiers (no hit counted, recency kept)."""
+        return self.acquire(key, count=False)
+
+    def put_if_absent(
+        self, key: bytes, data: BufferLike, meta: ChunkMeta = EMPTY_META, *, evict: bool
+    ) -> None:
+        """:meth:`put` unless the key is present, decided under the tier's lock."""
+        self.put(key, data, meta, evict=evict, if_absent=True)
 
     def memory_region(self) -> torch.Tensor:
         """The pool buffer: every chunk of this tier lies in it."""

@@ -55,6 +55,7 @@ class RemoteTier(Tier):
     """
 
     name = "remote"
+    shared = True
 
     def __init__(
         self,

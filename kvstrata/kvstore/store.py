@@ -88,37 +88,6 @@ class _Job:
     tier: int = 0
 
 
-def _put_if_absent(tier: Tier, key: bytes, data: torch.Tensor, meta: ChunkMeta, *, evict: bool) -> None:
-    # A promotion must not replace a newer value that a concurrent put stored in the meantime.
-    if isinstance(tier, PooledTier):
-        tier.put(key, data, meta, evict=evict, if_absent=True)
-    elif not tier.contains(key):
-        tier.put(key, data, meta, evict=evict)
-
-
-def _victims_for(tier: Tier, num_bytes: int) -> list[bytes]:
-    # A memory tier's bytes free are not always room for a chunk (slab size classes): ask it for the
-    # chunks whose removal places one of num_bytes, not merely for num_bytes of chunks. (Looked up by name:
-    # a wrapper of a memory tier forwards it.)
-    victims_for = getattr(tier, "victims_for", None)
-    if callable(victims_for):
-        return list(victims_for(num_bytes))
-    return tier.victims(num_bytes)
-
-
-def _fits(tier: Tier, num_bytes: int) -> bool:
-    # Whether a tier that answers victims_for() would place the chunk now (another thread made room).
-    fits = getattr(tier, "fits", None)
-    return bool(fits(num_bytes)) if callable(fits) else False
-
-
-def _pin_for_move(tier: Tier, key: bytes) -> ChunkHandle | None:
-    # Moving a chunk between tiers is not a read: it must not count a hit nor refresh recency.
-    if isinstance(tier, PooledTier):
-        return tier.acquire(key, count=False)
-    return tier.acquire(key)
-
-
 class StoreReservation:
     """A slot reserved in the Store's top tier (see :meth:`Store.reserve`): fill :attr:`data`, then
     :meth:`commit` or :meth:`abort`; as a context manager it aborts unless committed."""
@@ -280,18 +249,10 @@ class Store:
 
     @staticmethod
     def _meta_of(tier: Tier, key: bytes) -> ChunkMeta | None:
-        get_meta = getattr(tier, "get_meta", None)
-        if callable(get_meta):
-            meta = get_meta(key)
-            return meta if isinstance(meta, ChunkMeta) else None
         try:
-            handle = _pin_for_move(tier, key)
+            return tier.get_meta(key)
         except TierIOError:
             return None
-        if handle is None:
-            return None
-        with handle:
-            return handle.meta
 
     def stats(self) -> dict[str, TierStats]:
         """Tier name -> a snapshot of its counters and occupancy."""
@@ -401,7 +362,7 @@ class Store:
         # A remote tier is skipped: its contains() is a network round trip on every put, and it is shared
         # between instances, whose puts of a key (a digest of the tokens and the layout) are the same KV.
         for index, tier in enumerate(self.tiers):
-            if index != landed and tier.name != "remote":
+            if index != landed and not tier.shared:
                 for key in keys:
                     if tier.contains(key):
                         tier.remove(key)
@@ -421,7 +382,7 @@ class Store:
 
         def put(evict: bool) -> None:
             if promotion:
-                _put_if_absent(tier, key, src, meta, evict=evict)
+                tier.put_if_absent(key, src, meta, evict=evict)
             else:
                 tier.put(key, src, meta, evict=evict)
 
@@ -438,9 +399,9 @@ class Store:
                 return place(False)
             except TierFullError:
                 pass
-            victims = _victims_for(tier, nbytes)
+            victims = tier.victims_for(nbytes)
             if not victims:
-                if _fits(tier, nbytes):
+                if tier.fits(nbytes):
                     continue  # another thread made room meanwhile
                 raise TierFullError(f"the {tier.name} tier is full and every chunk in it is pinned")
             for victim in victims:
@@ -454,7 +415,7 @@ class Store:
         the failure is logged and counted), else kept and the error raised.
         """
         source = self.tiers[index]
-        handle = _pin_for_move(source, key)
+        handle = source.pin(key)
         if handle is None:
             return False  # another thread moved or removed it already
         copied = index + 1 >= len(self.tiers)
@@ -515,19 +476,20 @@ class Store:
         self._check_open()
         limit = sys.maxsize if max_bytes is None else max_bytes
         top = self.tiers[0]
-        many = getattr(top, "acquire_many", None)
-        if many is None:
-            first = [check_key(k) for k in keys]
-            found: list[ChunkHandle | None] = [None] * len(first)
-        else:
-            found = many(keys, limit)
+        start = 1  # the top tier's misses are looked for from the next tier down
+        try:
+            found: list[ChunkHandle | None] = top.acquire_many(keys, limit)
             first = [check_key(k) for k in keys[: len(found)]]
+        except TierIOError as exc:
+            log.warning("store: read from the %s tier failed: %s", top.name, exc)
+            first = [check_key(k) for k in keys]
+            found, start = [None] * len(first), 0
         out: list[ChunkHandle | None] = []
         total = 0
         try:
             for index, (key, handle) in enumerate(zip(first, found, strict=True)):
                 if handle is None:
-                    handle = self._acquire_below(key, 1 if many is not None else 0)
+                    handle = self._acquire_below(key, start)
                 if handle is not None:
                     size = handle.data.numel()
                     if total and total + size > limit:
@@ -563,7 +525,7 @@ class Store:
 
     def _promote_now(self, key: bytes, data: torch.Tensor, found: int) -> None:
         top = self.tiers[0]
-        if not callable(getattr(self.tiers[found], "get_meta", None)):
+        if not self.tiers[found].catalog_meta:
             # Its metadata (block keys, for the events) would cost a second read: let a worker do it.
             self._submit_promotion(key)
             return
@@ -571,7 +533,7 @@ class Store:
             return  # promoted by another reader meanwhile
         meta = self._meta_of(self.tiers[found], key) or EMPTY_META
         try:
-            _put_if_absent(top, key, data, meta, evict=False)
+            top.put_if_absent(key, data, meta, evict=False)
         except TierFullError:
             # Making room means demoting (maybe a disk write): not on the reader's time.
             self._submit_promotion(key)
@@ -687,7 +649,7 @@ class Store:
 
     def _copy_down(self, key: bytes, index: int) -> None:
         """Write-through: copy the chunk from tier ``index`` to every lower tier."""
-        handle = _pin_for_move(self.tiers[index], key)
+        handle = self.tiers[index].pin(key)
         if handle is None:
             return  # already evicted, hence demoted
         failure: Exception | None = None
@@ -708,7 +670,7 @@ class Store:
         if self.tiers[0].contains(key):
             return
         for index in range(1, len(self.tiers)):
-            handle = _pin_for_move(self.tiers[index], key)
+            handle = self.tiers[index].pin(key)
             if handle is None:
                 continue
             with handle:

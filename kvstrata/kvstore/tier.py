@@ -23,6 +23,17 @@ Call order and semantics
 - ``victims(num_bytes)`` lists the coldest unpinned keys whose sizes add up to at least ``num_bytes``, in
   the order the eviction policy would drop them; the Store demotes them before removing them.
 - ``keys()`` iterates a snapshot of the stored keys (recovery, index rebuilds).
+- Capabilities with defaults, which a tier overrides where it can do better (the Store calls only these,
+  never probes a tier's type): ``victims_for(num_bytes)`` the victims whose removal places one chunk of
+  that size (default: ``victims``; a slab tier's free bytes are not always room for a chunk);
+  ``fits(num_bytes)`` whether such a chunk would be placed now without evicting (default ``False``);
+  ``get_meta(key)`` the chunk's metadata (default: a pin and a read; :attr:`Tier.catalog_meta` says
+  whether it comes from a catalog, without a read); ``pin(key)`` a handle for moving the chunk between
+  tiers, which counts no hit and refreshes no recency (default: ``acquire``); ``acquire_many(keys,
+  max_bytes)`` handles for a prefix of ``keys`` within a byte budget (default: one ``acquire`` each);
+  ``put_if_absent`` a put that never replaces a present value (default: ``contains`` then ``put``);
+  ``memory_region()`` the one byte tensor every chunk lies in, if any. :attr:`Tier.shared` marks a tier
+  that other instances share (remote): the Store does not drop its older copies of a key.
 - ``subscribe(listener)`` registers a callable that receives every :class:`TierEvent`; listeners run on the
   thread that changed the tier, outside the tier's locks, and an exception in one is logged and ignored.
 - ``close()`` releases the tier's resources; calls after it raise :class:`StoreError`.
@@ -35,7 +46,7 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 
@@ -123,6 +134,11 @@ class Tier(ABC):
 
     #: the tier's kind: "device", "host", "disk" or "remote"
     name: str = "tier"
+    #: whether other instances share this tier's chunks (the remote tier): the Store leaves its copies of
+    #: a key alone when a newer value lands in another tier
+    shared: ClassVar[bool] = False
+    #: whether :meth:`get_meta` answers from a catalog, without reading the chunk
+    catalog_meta: ClassVar[bool] = False
 
     def __init__(self) -> None:
         self._listeners = ListenerSet(f"tier {self.name}")
@@ -175,6 +191,57 @@ class Tier(ABC):
     @abstractmethod
     def __len__(self) -> int:
         """Chunks stored."""
+
+    # -- capabilities with defaults (see the module docstring) ----------------------------------------
+    def victims_for(self, num_bytes: int) -> list[bytes]:
+        """The coldest unpinned keys whose removal places one ``num_bytes`` chunk, in eviction order."""
+        return self.victims(num_bytes)
+
+    def fits(self, num_bytes: int) -> bool:
+        """Whether a ``num_bytes`` chunk would be placed now without evicting (``False``: unknown)."""
+        return False
+
+    def get_meta(self, key: bytes) -> ChunkMeta | None:
+        """The chunk's metadata, or ``None`` if absent (not an access)."""
+        handle = self.pin(key)
+        if handle is None:
+            return None
+        with handle:
+            return handle.meta
+
+    def pin(self, key: bytes) -> ChunkHandle | None:
+        """Pin the chunk to move it to another tier: not a read, so no hit is counted and recency stays."""
+        return self.acquire(key)
+
+    def acquire_many(self, keys: Sequence[bytes], max_bytes: int) -> list[ChunkHandle | None]:
+        """:meth:`acquire` of a prefix of ``keys``: it stops before a hit that would take the pinned bytes
+        over ``max_bytes`` once there is at least one (the keys after the returned ones were not looked
+        at)."""
+        out: list[ChunkHandle | None] = []
+        total = 0
+        try:
+            for key in keys:
+                handle = self.acquire(key)
+                if handle is not None:
+                    size = handle.data.numel() * handle.data.element_size()
+                    if total and total + size > max_bytes:
+                        handle.release()
+                        break
+                    total += size
+                out.append(handle)
+        except BaseException:
+            for handle in out:
+                if handle is not None:
+                    handle.release()
+            raise
+        return out
+
+    def put_if_absent(
+        self, key: bytes, data: BufferLike, meta: ChunkMeta = EMPTY_META, *, evict: bool
+    ) -> None:
+        """:meth:`put` unless the key is present (a promotion must not replace a newer value)."""
+        if not self.contains(key):
+            self.put(key, data, meta, evict=evict)
 
     def memory_region(self) -> torch.Tensor | None:
         """The one byte tensor every chunk of this tier lies in (a memory pool), or ``None`` (disk, remote).

@@ -74,6 +74,8 @@ class FaultyTier(Tier):
         delay_s: float = 0.0,
     ) -> None:
         self.name = inner.name
+        self.shared = inner.shared  # type: ignore[misc]
+        self.catalog_meta = inner.catalog_meta  # type: ignore[misc]
         super().__init__()
         self.inner = inner
         # One set of counters: the inner tier counts hits and misses, the wrapper adds the errors it finds.
@@ -224,6 +226,23 @@ class FaultyTier(Tier):
     def subscribe(self, listener: TierListener) -> Callable[[], None]:
         """Events come from the inner tier."""
         return self.inner.subscribe(listener)
+
+    # Capabilities of the contract: the inner tier's answers (reads through them are not faulted).
+    def victims_for(self, num_bytes: int) -> list[bytes]:
+        """Forwarded."""
+        return self.inner.victims_for(num_bytes)
+
+    def fits(self, num_bytes: int) -> bool:
+        """Forwarded."""
+        return self.inner.fits(num_bytes)
+
+    def get_meta(self, key: bytes) -> ChunkMeta | None:
+        """Forwarded."""
+        return self.inner.get_meta(key)
+
+    def memory_region(self) -> torch.Tensor | None:
+        """Forwarded."""
+        return self.inner.memory_region()
 
     def __getattr__(self, name: str) -> object:
         # Extras beyond the contract (get_meta, slot_span, path_of, ...) are the inner tier's, unfaulted.
