@@ -21,11 +21,12 @@ from kvstrata.kernels.dispatch import (
     scatter_layer,
     select_backend,
 )
-from kvstrata.kernels.paged import BlockIds, prepare_block_ids
+from kvstrata.kernels.paged import SKIP_BLOCK, BlockIds, prepare_block_ids
 
 __all__ = [
     "CODECS",
     "HEADER_BYTES",
+    "SKIP_BLOCK",
     "BlockIds",
     "ChunkHeader",
     "ChunkSpec",

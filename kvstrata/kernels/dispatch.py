@@ -249,10 +249,12 @@ def scatter(
     """Write a chunk made by :func:`gather` into ``block_ids`` of every layer, decoding its codec.
 
     ``header`` (from :func:`read_header` on a host copy) saves reading it from a device chunk.
+    A block id of :data:`~kvstrata.kernels.paged.SKIP_BLOCK` (-1) leaves that block of the chunk unwritten:
+    the engine already holds it (its local prefix hit ends inside the chunk).
     Returns the header the chunk was decoded with.
     """
     paged = describe_caches(caches, engine_layout)
-    ids = as_block_ids(block_ids, paged.num_engine_blocks)
+    ids = as_block_ids(block_ids, paged.num_engine_blocks, allow_skip=True)
     spec, buf = _checked(chunk, paged, ids.numel(), header, len(paged.layers))
     _run("scatter", paged, ids, spec, buf, 0, backend)
     return spec.header()
@@ -270,7 +272,7 @@ def scatter_layer(
 ) -> ChunkHeader:
     """Write layer ``layer``'s section of a chunk into ``block_ids`` of one layer's cache."""
     paged = describe_caches([cache], engine_layout)
-    ids = as_block_ids(block_ids, paged.num_engine_blocks)
+    ids = as_block_ids(block_ids, paged.num_engine_blocks, allow_skip=True)
     if header is None:
         header = read_header(chunk)
     spec, buf = _checked(chunk, paged, ids.numel(), header, header.num_layers)

@@ -18,7 +18,18 @@ from kvstrata.core.layout import ENGINE_LAYOUTS
 from kvstrata.errors import InvalidArgumentError, LayoutError, UnsupportedLayoutError
 from kvstrata.kernels.codec import KV_DTYPES, QUANTISABLE_DTYPES, ChunkSpec
 
-__all__ = ["BlockIds", "PagedCaches", "as_block_ids", "as_layer_list", "describe_caches", "prepare_block_ids"]
+__all__ = [
+    "SKIP_BLOCK",
+    "BlockIds",
+    "PagedCaches",
+    "as_block_ids",
+    "as_layer_list",
+    "describe_caches",
+    "prepare_block_ids",
+]
+
+#: A block id that a scatter does not write: the engine already holds that block of the chunk.
+SKIP_BLOCK = -1
 
 # Per engine layout: (index of the block dim, index of the K/V dim or None, names of the 5 or 4 dims).
 _DIMS: dict[str, tuple[int, int | None, tuple[str, ...]]] = {
@@ -178,43 +189,59 @@ class BlockIds:
 
     Made by :func:`prepare_block_ids`; the gather/scatter entry points accept it in place of a list and
     then only compare ``max_id`` with the cache's block count (no synchronisation, no upload).
+    ``has_skips``: some ids are :data:`SKIP_BLOCK` (only a scatter accepts those).
     """
 
     tensor: torch.Tensor
     max_id: int
+    has_skips: bool = False
 
     def __len__(self) -> int:
         return int(self.tensor.numel())
 
 
-def _checked_ids(block_ids: Sequence[int] | torch.Tensor) -> tuple[torch.Tensor, int]:
+def _checked_ids(block_ids: Sequence[int] | torch.Tensor, allow_skip: bool) -> tuple[torch.Tensor, int, bool]:
     ids = torch.as_tensor(block_ids, dtype=torch.int64)
     if ids.dim() != 1 or ids.numel() == 0:
         raise InvalidArgumentError(
             f"block ids must be a non-empty 1-D sequence, got shape {tuple(ids.shape)}"
         )
     lo, hi = int(ids.min()), int(ids.max())
-    if lo < 0:
-        raise InvalidArgumentError(f"block ids must not be negative, got {lo}")
-    return ids, hi
+    skips = lo == SKIP_BLOCK
+    if lo < 0 and not (allow_skip and skips):
+        raise InvalidArgumentError(
+            f"block ids must not be negative, got {lo}"
+            + (f" (only {SKIP_BLOCK}, 'skip this block', is allowed in a scatter)" if allow_skip else "")
+        )
+    return ids, hi, skips
 
 
-def prepare_block_ids(block_ids: Sequence[int] | torch.Tensor, device: torch.device | str) -> BlockIds:
+def prepare_block_ids(
+    block_ids: Sequence[int] | torch.Tensor, device: torch.device | str, *, allow_skip: bool = False
+) -> BlockIds:
     """Check ``block_ids`` once and upload them to ``device`` for reuse (see :class:`BlockIds`)."""
-    ids, hi = _checked_ids(block_ids)
-    return BlockIds(ids.to(device), hi)
+    ids, hi, skips = _checked_ids(block_ids, allow_skip)
+    return BlockIds(ids.to(device), hi, skips)
 
 
-def as_block_ids(block_ids: Sequence[int] | torch.Tensor | BlockIds, num_engine_blocks: int) -> torch.Tensor:
+def as_block_ids(
+    block_ids: Sequence[int] | torch.Tensor | BlockIds, num_engine_blocks: int, *, allow_skip: bool = False
+) -> torch.Tensor:
     """Block ids as a 1-D int64 tensor, bounds-checked (an id out of range would address foreign memory).
 
+    ``allow_skip`` (scatters only) admits :data:`SKIP_BLOCK` entries: chunk blocks that are not written
+    because the engine already holds them (a local prefix hit that ends inside a chunk).
     A device tensor is checked too, which costs one synchronisation; pass a list, a CPU tensor, or a
     :class:`BlockIds` on hot paths (the connector has the ids on the host anyway).
     """
     if isinstance(block_ids, BlockIds):
-        ids, hi = block_ids.tensor, block_ids.max_id
+        ids, hi, skips = block_ids.tensor, block_ids.max_id, block_ids.has_skips
+        if skips and not allow_skip:
+            raise InvalidArgumentError(f"block id {SKIP_BLOCK} ('skip') is allowed in a scatter only")
     else:
-        ids, hi = _checked_ids(block_ids)
+        ids, hi, skips = _checked_ids(block_ids, allow_skip)
     if hi >= num_engine_blocks:
         raise InvalidArgumentError(f"block ids must lie in 0..{num_engine_blocks - 1}, got {hi}")
+    if skips and hi < 0:
+        raise InvalidArgumentError("a scatter must write at least one block")
     return ids

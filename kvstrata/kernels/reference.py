@@ -123,15 +123,23 @@ def gather(
 def scatter(
     caches: PagedCaches, block_ids: torch.Tensor, spec: ChunkSpec, chunk: torch.Tensor, first_layer: int
 ) -> None:
-    """Write the chunk sections of layers ``first_layer``... into ``caches`` at ``block_ids``."""
+    """Write the chunk sections of layers ``first_layer``... into ``caches`` at ``block_ids``.
+
+    Negative ids (``SKIP_BLOCK``) are blocks the engine already holds: their rows are left out.
+    """
     ids = block_ids.to(caches.device)
+    keep: torch.Tensor | None = None
+    if bool((ids < 0).any()):
+        keep = (ids >= 0).nonzero().view(-1)
+        ids = ids.index_select(0, keep)
     if not spec.quantised:
         word = _INT_OF_WIDTH[caches.itemsize]
         for i, layer in enumerate(caches.layers):
             slabs = _slabs(layer, caches, word)
             src = _values(chunk, spec, first_layer + i, word)
             for kv in range(spec.num_kv):
-                _index_copy(slabs[:, kv], ids, src[kv])
+                rows = src[kv] if keep is None else src[kv].index_select(0, keep)
+                _index_copy(slabs[:, kv], ids, rows)
         return
     dtype = _TORCH_DTYPES[caches.dtype]
     for i, layer in enumerate(caches.layers):
@@ -140,4 +148,5 @@ def scatter(
         q = q.view(spec.num_kv, spec.num_blocks, spec.rows_per_run, spec.head_size)
         x = dequantise_rows(q, _scales(chunk, spec, first_layer + i), dtype).flatten(2)
         for kv in range(spec.num_kv):
-            _index_copy(slabs[:, kv], ids, x[kv])
+            rows = x[kv] if keep is None else x[kv].index_select(0, keep)
+            _index_copy(slabs[:, kv], ids, rows)

@@ -90,7 +90,8 @@ def _scatter_kernel(  # type: ignore[no-untyped-def]  # triton kernel: parameter
     dst = tl.load(layer_offs + layer) * UNIT + block * block_stride + kv * kv_stride
     src = (first_layer + layer) * layer_stride + (kv * num_blocks + j) * run
     offs = t * TILE + tl.arange(0, TILE)
-    mask = offs < run
+    # A negative id marks a block the engine already holds: it is not written (and not read).
+    mask = (offs < run) & ((offs * 0 + block) >= 0)
     values = tl.load(chunk + src + offs, mask=mask)
     tl.store(cache + dst + offs, values, mask=mask)
 

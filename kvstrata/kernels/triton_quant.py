@@ -101,7 +101,8 @@ def _scatter_dequant_kernel(  # type: ignore[no-untyped-def]  # triton kernel: p
     dst = tl.load(layer_offs + layer) * UNIT + block * block_stride + kv * kv_stride
     row = t * ROWS + tl.arange(0, ROWS)
     col = tl.arange(0, HEAD_P2)
-    row_mask = row < rows
+    # A negative id marks a block the engine already holds: it is not written (and not read).
+    row_mask = (row < rows) & ((row * 0 + block) >= 0)
     mask = row_mask[:, None] & (col < HEAD)[None, :]
     within = row[:, None] * HEAD + col[None, :]
     section = (first_layer + layer) * layer_stride

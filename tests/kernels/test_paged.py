@@ -16,6 +16,7 @@ from kvstrata.kernels import (
     scatter,
     scatter_layer,
 )
+from kvstrata.kernels.paged import SKIP_BLOCK
 from tests.kernels.helpers import ALL_LAYOUTS, bits, block_of, make_caches
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float8_e4m3fn, torch.float8_e5m2, torch.uint8)
@@ -244,3 +245,34 @@ def test_forcing_triton_without_a_device_or_interpreter_fails_clearly(
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(KernelError, match="CUDA"):
         select_backend(torch.device("cpu"), "triton")
+
+
+@pytest.mark.parametrize("codec", ["none", "int8"])
+@pytest.mark.parametrize("layout", ["kv_first_nhd", "cpu_packed"])
+def test_scatter_skips_the_blocks_the_engine_holds(layout: str, codec: str, device: torch.device) -> None:
+    if layout == "cpu_packed" and codec != "none":
+        pytest.skip("cpu_packed blocks are opaque: no quantised codec")
+    caches = make_caches(
+        layout, dtype=torch.float16, device=device, one_buffer=layout == "cpu_packed", seed=5
+    )
+    chunk = gather(caches, [3, 0, 4], engine_layout=layout, codec=codec, backend="torch")
+    for backend in ("torch", "triton"):
+        dst = [torch.full_like(c, 7) for c in caches]
+        whole = [torch.full_like(c, 7) for c in caches]
+        scatter(chunk, dst, [SKIP_BLOCK, 2, 1], engine_layout=layout, backend=backend)
+        scatter(chunk, whole, [0, 2, 1], engine_layout=layout, backend="torch")
+        for out, full, fresh in zip(dst, whole, caches, strict=True):
+            # the skipped block keeps its old bytes (so does every other); the rest equals a full scatter
+            assert torch.equal(bits(block_of(out, layout, 2)), bits(block_of(full, layout, 2)))
+            assert torch.equal(bits(block_of(out, layout, 1)), bits(block_of(full, layout, 1)))
+            for untouched in (0, 3, 4):
+                assert torch.equal(
+                    bits(block_of(out, layout, untouched)),
+                    bits(torch.full_like(block_of(fresh, layout, 0), 7)),
+                )
+    with pytest.raises(InvalidArgumentError, match="negative"):
+        gather(caches, [SKIP_BLOCK, 1, 2], engine_layout=layout)
+    with pytest.raises(InvalidArgumentError, match="at least one"):
+        scatter(chunk, caches, [SKIP_BLOCK] * 3, engine_layout=layout, backend="torch")
+    with pytest.raises(InvalidArgumentError):
+        scatter(chunk, caches, [-2, 1, 2], engine_layout=layout, backend="torch")
