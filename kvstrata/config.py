@@ -40,6 +40,7 @@ else:  # pragma: no cover - exercised on 3.10 only
 
 __all__ = [
     "ClientConfig",
+    "ConnectorConfig",
     "IndexConfig",
     "KVStrataConfig",
     "KernelConfig",
@@ -165,6 +166,49 @@ class KernelConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     ] = "auto"
 
 
+class ConnectorConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The vLLM connector (``[connector]``; in vLLM, ``kv_connector_extra_config``)."""
+
+    servers: Annotated[
+        tuple[str, ...],
+        _doc("cache servers (kvs://, kvs+shm://, kvs+nixl://); empty keeps a Store inside each worker"),
+    ] = ()
+    model_id: Annotated[str, _doc("the model's name in the key namespace; empty means vLLM's model name")] = (
+        ""
+    )
+    tenant_salt: Annotated[str, _doc("salt of the key namespace: engines with other salts share nothing")] = (
+        ""
+    )
+    chunk_tokens: Annotated[
+        int, _doc("tokens per stored chunk; 0 means 256 rounded up to a multiple of the block size")
+    ] = 0
+    load: Annotated[bool, _doc("load KV kvstrata holds into new requests")] = True
+    save: Annotated[bool, _doc("save computed KV (prompt and, with save_decode, decode) into kvstrata")] = (
+        True
+    )
+    save_decode: Annotated[
+        bool, _doc("save chunks filled during decode too (a chat's next turn reuses them)")
+    ] = True
+    lookup_timeout_s: Annotated[
+        float, _doc("deadline of a scheduler lookup on the servers; past it the request is a miss")
+    ] = 0.5
+    lookup_wait_s: Annotated[
+        float, _doc("how long the scheduler waits for a server lookup before asking vLLM to retry later")
+    ] = 0.002
+    snapshot_wait_s: Annotated[
+        float, _doc("embedded: how long new requests wait for the workers' first catalog (after a restart)")
+    ] = 5.0
+    load_timeout_s: Annotated[
+        float, _doc("deadline of a load from the servers; past it the blocks recompute")
+    ] = 5.0
+    max_pending_save_bytes: Annotated[
+        int,
+        _doc("bound of the chunks gathered and not yet pushed to the servers; beyond it saves are dropped"),
+    ] = 256 * 1024**2
+    publish_index: Annotated[bool, _doc("write what this engine holds into the [index] backend")] = False
+    events: Annotated[bool, _doc("put kvstrata's tier events into vLLM's KV-event stream")] = True
+
+
 class KVStrataConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """The whole configuration."""
 
@@ -175,6 +219,7 @@ class KVStrataConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     client: ClientConfig = msgspec.field(default_factory=ClientConfig)
     index: IndexConfig = msgspec.field(default_factory=IndexConfig)
     kernels: KernelConfig = msgspec.field(default_factory=KernelConfig)
+    connector: ConnectorConfig = msgspec.field(default_factory=ConnectorConfig)
 
     def replace(self, **sections: Any) -> KVStrataConfig:
         """A copy with some top-level fields or whole sections replaced (sections may be given as dicts)."""
@@ -183,7 +228,7 @@ class KVStrataConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
         return _convert(merged, "override")
 
 
-_SECTIONS = ("store", "server", "client", "index", "kernels")
+_SECTIONS = ("store", "server", "client", "index", "kernels", "connector")
 
 
 def _deep_merge(base: dict[str, Any], extra: Mapping[str, Any], source: str) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-__all__ = ["setup_logging"]
+__all__ = ["attach_handler", "setup_logging"]
 
 
 def setup_logging(level: str) -> None:
@@ -13,3 +13,17 @@ def setup_logging(level: str) -> None:
         level=getattr(logging, level.upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+
+
+def attach_handler(level: str) -> None:
+    """Give the ``kvstrata`` logger a handler when nothing else would print its records (inside an engine
+    such as vLLM, which configures only its own logger), so that start-up lines and warnings are seen."""
+    logger = logging.getLogger("kvstrata")
+    logger.setLevel(getattr(logging, level.upper(), logging.INFO))
+    if logger.handlers or logging.getLogger().handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(
+        logging.Formatter("%(levelname)s %(asctime)s [kvstrata] %(message)s", "%m-%d %H:%M:%S")
+    )
+    logger.addHandler(handler)
