@@ -307,7 +307,7 @@ class LeaseServer:
         if deferred:
             self.counters["deferred"] += deferred
         ttl_ms = int(self.lease_ttl_s * 1000)
-        return LeaseGetReply(sizes=sizes, positions=positions, leases=leases, ttl_ms=ttl_ms)
+        return LeaseGetReply(sizes=sizes, positions=positions, leases=leases, ttl_ms=ttl_ms).sealed()
 
     def release(self, owner: int, lease_ids: Sequence[int]) -> ReleaseReply:
         """End leases; ``valid[i]`` is whether lease ``i`` was still held (not expired, this owner's)."""
@@ -321,7 +321,7 @@ class LeaseServer:
                 continue
             end(lease_id, lease, expired=False)
             valid.append(True)
-        return ReleaseReply(valid=valid)
+        return ReleaseReply(valid=valid).sealed()
 
     def _reserve_many(self, store: Store | None, sizes: Sequence[int]) -> list[tuple[StoreReservation, int]]:
         """Store reservations in the shared region, with their positions, for the leading ``sizes``
@@ -380,7 +380,7 @@ class LeaseServer:
                     granted += 1
                 i += 1
         self.counters["leases"] += granted
-        return PutBeginReply(leases=leases, positions=positions)
+        return PutBeginReply(leases=leases, positions=positions).sealed()
 
     def put_commit(self, owner: int, store: Store, items: Sequence[PutCommitItem]) -> p.PutManyReply:
         """Store each staged chunk and free its slot; per item "" or an error code."""

@@ -37,6 +37,7 @@ written; RELEASE goes out without waiting for its answer (see ``ttl_ms``).
 from __future__ import annotations
 
 import logging
+import struct
 import time
 from abc import abstractmethod
 from collections.abc import Sequence
@@ -101,13 +102,41 @@ class _Meta(msgspec.Struct, kw_only=True, omit_defaults=True):
     """Base of the lease metadata structs (msgpack maps, unknown fields ignored)."""
 
 
+class _Sealed(_Meta, kw_only=True):
+    """A reply whose numbers say where to read or write the server's memory. No checksum covers a
+    frame's metadata, so a byte flipped on the way would otherwise send a copy to the wrong place (wrong
+    bytes returned as a hit, or written over another chunk); ``seal`` is the CRC-32C of those numbers,
+    set by the server (:meth:`sealed`) and checked by the client (:meth:`check_seal`)."""
+
+    seal: p.Crc = 0
+
+    def _numbers(self) -> tuple[Sequence[int], ...]:
+        raise NotImplementedError
+
+    def _compute_seal(self) -> int:
+        crc = 0
+        for values in self._numbers():
+            crc = p.checksum(struct.pack(f"<I{len(values)}q", len(values), *values), crc)
+        return crc
+
+    def sealed(self) -> Any:
+        """This reply with its seal set (the server's side)."""
+        self.seal = self._compute_seal()
+        return self
+
+    def check_seal(self, address: str) -> None:
+        """Raise :class:`ProtocolError` unless the seal matches the numbers (the client's side)."""
+        if self.seal != self._compute_seal():
+            raise ProtocolError(f"{address}: {type(self).__name__} failed its seal (corrupted in transit)")
+
+
 class LeaseGetRequest(_Meta):
     """LEASE_GET: the keys to pin."""
 
     keys: Keys
 
 
-class LeaseGetReply(_Meta):
+class LeaseGetReply(_Sealed):
     """Per key: size (-1 miss, -2 deferred), position in the shared region, lease id (0 when none)."""
 
     sizes: Annotated[list[p.SignedSize], msgspec.Meta(max_length=p.MAX_KEYS)]
@@ -116,6 +145,9 @@ class LeaseGetReply(_Meta):
     #: the leases' lifetime in milliseconds (0: not said); lets a client skip waiting for RELEASE's answer
     ttl_ms: Annotated[int, msgspec.Meta(ge=0, le=1 << 40)] = 0
 
+    def _numbers(self) -> tuple[Sequence[int], ...]:
+        return (self.sizes, self.positions, self.leases, (self.ttl_ms,))
+
 
 class ReleaseRequest(_Meta):
     """RELEASE: lease ids to end."""
@@ -123,10 +155,13 @@ class ReleaseRequest(_Meta):
     leases: Annotated[list[LeaseId], msgspec.Meta(max_length=p.MAX_KEYS)]
 
 
-class ReleaseReply(_Meta):
+class ReleaseReply(_Sealed):
     """Per lease: true when it was still valid (the bytes read under it are good)."""
 
     valid: Annotated[list[bool], msgspec.Meta(max_length=p.MAX_KEYS)]
+
+    def _numbers(self) -> tuple[Sequence[int], ...]:
+        return (self.valid,)
 
 
 class PutBeginRequest(_Meta):
@@ -135,11 +170,14 @@ class PutBeginRequest(_Meta):
     sizes: Annotated[list[p.Size], msgspec.Meta(max_length=p.MAX_KEYS)]
 
 
-class PutBeginReply(_Meta):
+class PutBeginReply(_Sealed):
     """Per chunk: a staging lease and its position (lease 0, position -1: none free now)."""
 
     leases: Annotated[list[LeaseId], msgspec.Meta(max_length=p.MAX_KEYS)]
     positions: Annotated[list[Position], msgspec.Meta(max_length=p.MAX_KEYS)]
+
+    def _numbers(self) -> tuple[Sequence[int], ...]:
+        return (self.leases, self.positions)
 
 
 class PutCommitItem(_Meta):
@@ -237,6 +275,7 @@ class LeaseTransport(TcpTransport):
         try:
             for group, rid in zip(groups, rids, strict=True):
                 _, reply = self._reply(rid, op)
+                reply.check_seal(self.address)
                 n = len(group)
                 if len(reply.sizes) != n or len(reply.positions) != n or len(reply.leases) != n:
                     raise ProtocolError(f"{self.address}: LEASE_GET reply does not match the request")
@@ -250,7 +289,7 @@ class LeaseTransport(TcpTransport):
                         continue
                     if size < 0:
                         continue
-                    if lease <= 0 or position < 0:
+                    if size > self.max_payload or lease <= 0 or position < 0:
                         raise ProtocolError(f"{self.address}: LEASE_GET hit without a lease")
                     leases.append(lease)
                     out = outs[i]
@@ -305,6 +344,7 @@ class LeaseTransport(TcpTransport):
         op = self.base + RELEASE
         rid = self._request(op, ReleaseRequest(leases=leases))
         _, reply = self._reply(rid, op)
+        reply.check_seal(self.address)
         if len(reply.valid) != len(leases):
             raise ProtocolError(f"{self.address}: RELEASE reply does not match the request")
         return list(reply.valid)
@@ -343,6 +383,7 @@ class LeaseTransport(TcpTransport):
         try:
             for group, rid in zip(groups, begins, strict=True):
                 _, reply = self._reply(rid, begin)
+                reply.check_seal(self.address)
                 if len(reply.leases) != len(group) or len(reply.positions) != len(group):
                     raise ProtocolError(f"{self.address}: PUT_BEGIN reply does not match the request")
                 granted: list[int] = []

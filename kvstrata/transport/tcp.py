@@ -413,6 +413,9 @@ class TcpTransport(Transport):
         header, reply = self._reply(rid, p.Op.GET_MANY)
         sizes = reply.sizes
         crcs = reply.checksums if header.has_checksum else []
+        if self.options.checksum and not crcs and header.payload_len:
+            # asked for and always sent: a reply without them was corrupted (a flipped flag bit)
+            raise ProtocolError(f"{self.address}: GET_MANY reply lacks the checksums it was asked for")
         if len(sizes) != len(batch) or (crcs and len(crcs) != len(batch)):
             raise ProtocolError(f"{self.address}: GET_MANY reply does not match the request")
         if sum(s for s in sizes if s > 0) != header.payload_len:
