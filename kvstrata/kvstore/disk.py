@@ -64,6 +64,7 @@ from kvstrata.errors import (
     TierFullError,
     TierIOError,
 )
+from kvstrata.kvstore.catalog import Catalog
 from kvstrata.kvstore.diskformat import (
     MAX_HEADER_BYTES,
     Hasher,
@@ -144,10 +145,12 @@ class DiskTier(Tier):
         self._dir = Path(directory)
         self._capacity = int(capacity_bytes)
         self._fsync = fsync
-        self._policy = make_policy(policy)
         self._algorithm = default_checksum()
         self._lock = threading.Lock()
-        self._entries: dict[bytes, _Entry] = {}
+        # Victims and the byte count go by the file's size (header included); size_of by the payload.
+        self._catalog: Catalog[_Entry] = Catalog(
+            self._lock, make_policy(policy), charge=lambda e: e.charge, length=lambda e: e.length
+        )
         self._used = 0  # bytes of the committed files
         self._reserved = 0  # bytes of the files being written
         self._seq = 0
@@ -193,16 +196,15 @@ class DiskTier(Tier):
         found.sort(key=lambda f: (f[0], f[1]))  # coldest (oldest) first
         for _, _, entry in found:
             key = bytes.fromhex(os.path.basename(entry.path)[:32])
-            self._entries[key] = entry
-            self._policy.insert(key, entry.charge)
+            self._catalog.add(key, entry, entry.charge)
             self._used += entry.charge
-        # A capacity smaller than what an earlier run left behind: drop the coldest.
-        for key in list(self._policy.candidates()):
+        # A capacity smaller than what an earlier run left behind: drop the coldest (nothing is pinned yet).
+        for key, entry in list(self._catalog.unpinned()):
             if self._used <= self._capacity:
                 break
-            self._drop(key, self._entries[key])
+            self._drop(key, entry)
             report.evicted += 1
-        report.chunks = len(self._entries)
+        report.chunks = len(self._catalog)
         report.bytes = self._used
         if report.partial_dropped or report.corrupt_dropped or report.evicted:
             log.warning(
@@ -260,8 +262,7 @@ class DiskTier(Tier):
 
     def _drop(self, key: bytes, entry: _Entry) -> None:
         """Forget a chunk and delete its file (lock held)."""
-        del self._entries[key]
-        self._policy.remove(key)
+        self._catalog.pop(key)
         self._used -= entry.charge
         self._unlink(entry.path)
 
@@ -278,16 +279,7 @@ class DiskTier(Tier):
             raise TierFullError(
                 f"the disk tier is full ({self._used + self._reserved} of {self._capacity} bytes)"
             )
-        chosen: list[tuple[bytes, _Entry]] = []
-        freed = 0
-        for key in self._policy.candidates():
-            entry = self._entries[key]
-            if entry.pins:
-                continue
-            chosen.append((key, entry))
-            freed += entry.charge
-            if freed >= needed:
-                break
+        chosen, freed = self._catalog.coldest(needed)
         if freed < needed:
             raise TierFullError("the disk tier is full and every chunk that could make room is pinned")
         for key, entry in chosen:
@@ -448,12 +440,10 @@ class DiskTier(Tier):
                 self._unlink(tmp)
                 self._count("errors")
                 raise TierIOError(f"renaming a chunk file under {self._dir} failed: {exc}") from exc
-            old = self._entries.pop(key, None)
+            old = self._catalog.pop(key)
             if old is not None:
-                self._policy.remove(key)
                 self._used -= old.charge  # its file was replaced by the rename, not deleted
-            self._entries[key] = entry
-            self._policy.insert(key, entry.charge)
+            self._catalog.add(key, entry, entry.charge)
             self._used += entry.charge
             self._count("puts")
             self._count("bytes_written", entry.length)
@@ -476,7 +466,7 @@ class DiskTier(Tier):
         except OSError as exc:
             with self._lock:
                 self._count("errors")
-                dropped = self._entries.get(key) is entry
+                dropped = self._catalog.get(key) is entry
                 if dropped:
                     self._drop(key, entry)
             if dropped:
@@ -487,7 +477,7 @@ class DiskTier(Tier):
         """Look the chunk up and open its file (``None``: a miss, counted)."""
         with self._lock:
             self._check_open()
-            entry = self._entries.get(key)
+            entry = self._catalog.get(key)
             if entry is None:
                 self._count("misses")
                 return None
@@ -502,7 +492,7 @@ class DiskTier(Tier):
                 self._count("errors")
                 raise TierIOError(f"opening {entry.path} failed: {exc}") from exc
             else:
-                self._policy.touch(key)
+                self._catalog.touch(key)
                 if pin:
                     entry.pins += 1
                 return entry, fd
@@ -528,7 +518,7 @@ class DiskTier(Tier):
             log.warning("disk tier: %s failed its checksum; dropped", entry.path)
             self._count("errors")
             self._count("misses")
-            if self._entries.get(key) is entry:
+            if self._catalog.get(key) is entry:
                 self._drop(key, entry)
                 dropped = True
         if dropped:
@@ -594,23 +584,18 @@ class DiskTier(Tier):
 
     def get_meta(self, key: bytes) -> ChunkMeta | None:
         """The chunk's metadata, or ``None`` if absent (not an access)."""
-        key = check_key(key)
-        with self._lock:
-            entry = self._entries.get(key)
-            return None if entry is None else entry.meta
+        return self._catalog.get_meta(key)
 
     def contains(self, key: bytes) -> bool:
         """Whether the chunk is in the catalog (not an access; its payload is verified on read)."""
-        key = check_key(key)
-        with self._lock:
-            return key in self._entries
+        return self._catalog.contains(key)
 
     def remove(self, key: bytes) -> bool:
         """Delete the chunk's file."""
         key = check_key(key)
         with self._lock:
             self._check_open()
-            entry = self._entries.get(key)
+            entry = self._catalog.get(key)
             if entry is None:
                 return False
             self._drop(key, entry)
@@ -619,36 +604,21 @@ class DiskTier(Tier):
 
     def victims(self, num_bytes: int) -> list[bytes]:
         """The coldest unpinned keys whose files add up to at least ``num_bytes``."""
-        out: list[bytes] = []
-        freed = 0
-        with self._lock:
-            for key in self._policy.candidates():
-                if freed >= num_bytes:
-                    break
-                entry = self._entries[key]
-                if entry.pins:
-                    continue
-                out.append(key)
-                freed += entry.charge
-        return out
+        return self._catalog.victims(num_bytes)
 
     def keys(self) -> Iterator[bytes]:
         """A snapshot of the stored keys."""
-        with self._lock:
-            return iter(list(self._entries))
+        return self._catalog.keys()
 
     def size_of(self, key: bytes) -> int | None:
         """Payload bytes of the chunk, or ``None`` if absent."""
-        key = check_key(key)
-        with self._lock:
-            entry = self._entries.get(key)
-            return None if entry is None else entry.length
+        return self._catalog.size_of(key)
 
     def path_of(self, key: bytes) -> Path | None:
         """The chunk's file (for operators and tests), or ``None`` if absent."""
         key = check_key(key)
         with self._lock:
-            entry = self._entries.get(key)
+            entry = self._catalog.get(key)
             return None if entry is None else Path(entry.path)
 
     def file_bytes(self, meta: ChunkMeta, payload_len: int) -> int:
@@ -677,8 +647,7 @@ class DiskTier(Tier):
             return self._used + self._reserved
 
     def __len__(self) -> int:
-        with self._lock:
-            return len(self._entries)
+        return len(self._catalog)
 
     def close(self) -> None:
         """Forget the catalog and unlock the directory; the files stay for the next start-up."""
@@ -686,5 +655,5 @@ class DiskTier(Tier):
             if self._closed:
                 return
             self._closed = True
-            self._entries.clear()
+            self._catalog.clear()
             os.close(self._lock_fd)

@@ -34,6 +34,7 @@ import torch
 from kvstrata.core.buffers import BufferLike, as_byte_tensor
 from kvstrata.core.chunk import EMPTY_META, ChunkHandle, ChunkMeta, check_key
 from kvstrata.errors import ChunkTooLargeError, InvalidArgumentError, StoreError, TierFullError, TierIOError
+from kvstrata.kvstore.catalog import Catalog
 from kvstrata.kvstore.eviction import make_policy
 from kvstrata.kvstore.pool import SlotPool
 from kvstrata.kvstore.tier import Tier
@@ -137,9 +138,14 @@ class PooledTier(Tier):
     def __init__(self, pool: SlotPool, *, policy: str = "lru") -> None:
         super().__init__()
         self._pool = pool
-        self._policy = make_policy(policy)
         self._lock = threading.Lock()
-        self._entries: dict[bytes, _Entry] = {}
+        # Capacity is counted in slots, so victims free their slots' class sizes; size_of is the payload.
+        self._catalog: Catalog[_Entry] = Catalog(
+            self._lock,
+            make_policy(policy),
+            charge=lambda e: pool.slot_size(e.slot),
+            length=lambda e: e.length,
+        )
         self._closed = False
 
     # -- helpers (call with the lock held unless noted) ----------------------------------------------
@@ -149,8 +155,7 @@ class PooledTier(Tier):
 
     def _drop(self, key: bytes, entry: _Entry) -> None:
         """Forget ``entry``; its slot goes back to the pool now, or when its last pin is released."""
-        del self._entries[key]
-        self._policy.remove(key)
+        self._catalog.pop(key)
         entry.dead = True
         if entry.pins == 0:
             self._pool.free(entry.slot)
@@ -165,10 +170,8 @@ class PooledTier(Tier):
             return []
         wanted = pool.class_of(length)
         pending: dict[int, list[bytes]] = {}  # page -> its unpinned chunks seen so far, coldest first
-        for key in self._policy.candidates():
-            entry = self._entries[key]
-            if entry.pins:
-                continue  # its page cannot be freed either: its group never completes
+        # Pinned chunks are skipped: their pages cannot be freed either, so their groups never complete.
+        for key, entry in self._catalog.unpinned():
             if pool.class_at(entry.slot) == wanted:
                 return [key]
             page = pool.page_of(entry.slot)
@@ -190,7 +193,7 @@ class PooledTier(Tier):
         if not plan:  # [] cannot happen (alloc just failed under the lock)
             raise TierFullError(f"the {self.name} tier is full and pinned chunks block every page")
         for victim in plan:
-            entry = self._entries[victim]
+            entry = self._catalog[victim]
             self._drop(victim, entry)
             evicted.append((victim, entry.meta))
             self._count("evictions")
@@ -302,14 +305,14 @@ class PooledTier(Tier):
         res._state = _DONE
         if self._closed:
             raise StoreError(f"the {self.name} tier is closed")  # the pool is gone with its slots
-        old = self._entries.get(key)
+        old = self._catalog.get(key)
         if old is not None:
             if if_absent:
                 self._pool.free(res.offset)
                 return False
             self._drop(key, old)
-        self._entries[key] = _Entry(res.offset, res.nbytes, res.meta, res.data, res.mem)
-        self._policy.insert(key, res.nbytes)
+        # The policy weighs the chunk by its length; victims are charged its slot (the catalog's charge).
+        self._catalog.add(key, _Entry(res.offset, res.nbytes, res.meta, res.data, res.mem), res.nbytes)
         stats = self.stats
         stats.puts += 1
         stats.bytes_written += res.nbytes
@@ -352,7 +355,7 @@ class PooledTier(Tier):
     def _pin(self, key: bytes, count: bool = True) -> _Entry | None:
         with self._lock:
             self._check_open()
-            return self._take(key, self._entries.get(key), count)
+            return self._take(key, self._catalog.get(key), count)
 
     def _take(self, key: bytes, entry: _Entry | None, count: bool) -> _Entry | None:
         """Pin ``entry`` (the lock held), counting a hit or a miss when ``count``."""
@@ -362,7 +365,7 @@ class PooledTier(Tier):
             return None
         entry.pins += 1
         if count:
-            self._policy.touch(key)
+            self._catalog.touch(key)
             stats = self.stats
             stats.hits += 1
             stats.bytes_read += entry.length
@@ -420,7 +423,7 @@ class PooledTier(Tier):
         with self._lock:
             self._check_open()
             for key in keys:
-                entry = self._entries.get(key)
+                entry = self._catalog.get(key)
                 if entry is not None:
                     if total and total + entry.length > max_bytes:
                         break
@@ -431,23 +434,18 @@ class PooledTier(Tier):
 
     def get_meta(self, key: bytes) -> ChunkMeta | None:
         """The chunk's metadata, or ``None`` if absent (not an access)."""
-        key = check_key(key)
-        with self._lock:
-            entry = self._entries.get(key)
-            return None if entry is None else entry.meta
+        return self._catalog.get_meta(key)
 
     def contains(self, key: bytes) -> bool:
         """Whether the chunk is stored (not an access)."""
-        key = check_key(key)
-        with self._lock:
-            return key in self._entries
+        return self._catalog.contains(key)
 
     def remove(self, key: bytes) -> bool:
         """Drop the chunk (its slot is reused once unpinned)."""
         key = check_key(key)
         with self._lock:
             self._check_open()
-            entry = self._entries.get(key)
+            entry = self._catalog.get(key)
             if entry is None:
                 return False
             self._drop(key, entry)
@@ -457,20 +455,11 @@ class PooledTier(Tier):
     def victims(self, num_bytes: int) -> list[bytes]:
         """The coldest unpinned keys whose slots add up to at least ``num_bytes`` (fewer if the tier is
         short of unpinned chunks). For room for one chunk of ``n`` bytes, use :meth:`victims_for`."""
-        out: list[bytes] = []
         if num_bytes <= 0:
-            return out
-        freed = 0
+            return []
         with self._lock:
-            for key in self._policy.candidates():
-                entry = self._entries[key]
-                if entry.pins:
-                    continue
-                out.append(key)
-                freed += self._pool.slot_size(entry.slot)
-                if freed >= num_bytes:
-                    break
-        return out
+            # coldest(), not the catalog's victims(): this tier's walk stops at the last victim.
+            return [key for key, _ in self._catalog.coldest(num_bytes)[0]]
 
     def victims_for(self, num_bytes: int) -> list[bytes]:
         """The coldest unpinned keys whose removal lets a ``num_bytes`` chunk be placed (see the module
@@ -489,21 +478,17 @@ class PooledTier(Tier):
 
     def keys(self) -> Iterator[bytes]:
         """A snapshot of the stored keys."""
-        with self._lock:
-            return iter(list(self._entries))
+        return self._catalog.keys()
 
     def size_of(self, key: bytes) -> int | None:
         """Stored bytes of the chunk, or ``None`` if absent."""
-        key = check_key(key)
-        with self._lock:
-            entry = self._entries.get(key)
-            return None if entry is None else entry.length
+        return self._catalog.size_of(key)
 
     def slot_span(self, key: bytes) -> tuple[int, int] | None:
         """Byte offset and length of the chunk inside the pool buffer (valid while pinned), or ``None``."""
         key = check_key(key)
         with self._lock:
-            entry = self._entries.get(key)
+            entry = self._catalog.get(key)
             return None if entry is None else (entry.slot, entry.length)
 
     @property
@@ -542,8 +527,7 @@ class PooledTier(Tier):
             return self._pool.used_bytes
 
     def __len__(self) -> int:
-        with self._lock:
-            return len(self._entries)
+        return len(self._catalog)
 
     def close(self) -> None:
         """Drop every chunk and release the pool; later calls raise :class:`StoreError`."""
@@ -551,5 +535,5 @@ class PooledTier(Tier):
             if self._closed:
                 return
             self._closed = True
-            self._entries.clear()
+            self._catalog.clear()
             self._pool.close()

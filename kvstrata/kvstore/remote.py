@@ -32,6 +32,7 @@ from kvstrata.errors import (
     TierIOError,
     TransportError,
 )
+from kvstrata.kvstore.catalog import Catalog
 from kvstrata.kvstore.eviction import make_policy
 from kvstrata.kvstore.tier import Tier
 
@@ -78,11 +79,14 @@ class RemoteTier(Tier):
             self._owns_client = False
         self._client = client
         self._capacity = capacity_bytes
-        self._policy = make_policy(policy)
-        self._entries: dict[bytes, _Entry] = {}
+        self._lock = threading.Lock()
+        # get_meta is not answered from it (catalog_meta stays False): it holds only the chunks this
+        # instance put, and the servers may hold others.
+        self._catalog: Catalog[_Entry] = Catalog(
+            self._lock, make_policy(policy), charge=lambda e: e.size, length=lambda e: e.size
+        )
         self._used = 0
         self._reserved = 0
-        self._lock = threading.Lock()
         self._closed = False
 
     # -- helpers -------------------------------------------------------------------------------------
@@ -97,9 +101,8 @@ class RemoteTier(Tier):
 
     def _forget(self, key: bytes) -> _Entry | None:
         """Drop ``key`` from the catalog (lock held)."""
-        entry = self._entries.pop(key, None)
+        entry = self._catalog.pop(key)
         if entry is not None:
-            self._policy.remove(key)
             self._used -= entry.size
         return entry
 
@@ -114,7 +117,7 @@ class RemoteTier(Tier):
         evicted: list[tuple[bytes, ChunkMeta]] = []
         with self._lock:
             self._check_open()
-            old = self._entries.get(key)
+            old = self._catalog.get(key)
             if old is not None and not old.pins:
                 # Being replaced: its quota is this put's to reuse (concurrent puts of the key each
                 # reserve their own size, so the quota holds whatever the interleaving).
@@ -124,19 +127,11 @@ class RemoteTier(Tier):
                 if not evict:
                     raise TierFullError("the remote tier's quota is full")
                 over = need - self._capacity
-                chosen: list[bytes] = []
-                for victim in self._policy.candidates():
-                    entry = self._entries[victim]
-                    if entry.pins:
-                        continue
-                    chosen.append(victim)
-                    over -= entry.size
-                    if over <= 0:
-                        break
-                if over > 0:
+                chosen, freed = self._catalog.coldest(over)
+                if freed < over:
                     raise TierFullError("the remote tier is full and every chunk in it is pinned")
-                for victim in chosen:
-                    entry = self._forget(victim)  # type: ignore[assignment]
+                for victim, entry in chosen:
+                    self._forget(victim)
                     evicted.append((victim, entry.meta))
                     self._count("evictions")
             self._reserved += size
@@ -160,8 +155,7 @@ class RemoteTier(Tier):
             if self._closed:
                 raise StoreError("the remote tier is closed")
             self._forget(key)
-            self._entries[key] = _Entry(size, meta)
-            self._policy.insert(key, size)
+            self._catalog.add(key, _Entry(size, meta), size)
             self._used += size
             self._count("puts")
             self._count("bytes_written", size)
@@ -178,14 +172,14 @@ class RemoteTier(Tier):
         with self._lock:
             if got is None:
                 self._count("misses")
-                entry = self._entries.get(key)
+                entry = self._catalog.get(key)
                 if entry is not None and not entry.pins:
                     lost = self._forget(key)  # the server no longer has it
             else:
                 self._count("hits")
                 self._count("bytes_read", got.numel())
-                if key in self._entries:
-                    self._policy.touch(key)
+                if self._catalog.get(key) is not None:
+                    self._catalog.touch(key)
         if lost is not None:
             self._emit_removed([key], [lost.meta])
         return got
@@ -201,7 +195,7 @@ class RemoteTier(Tier):
         if data is None:
             return None
         with self._lock:
-            entry = self._entries.get(key)
+            entry = self._catalog.get(key)
             if entry is None:
                 return ChunkHandle(key, data, EMPTY_META)
             entry.pins += 1
@@ -218,7 +212,7 @@ class RemoteTier(Tier):
         key = check_key(key)
         with self._lock:
             self._check_open()
-            if key in self._entries:
+            if self._catalog.get(key) is not None:
                 return True
         try:
             return bool(self._client.exists([key])[0])
@@ -246,30 +240,15 @@ class RemoteTier(Tier):
 
     def victims(self, num_bytes: int) -> list[bytes]:
         """The coldest unpinned keys of the catalog that free at least ``num_bytes``."""
-        out: list[bytes] = []
-        freed = 0
-        with self._lock:
-            for key in self._policy.candidates():
-                if freed >= num_bytes:
-                    break
-                entry = self._entries[key]
-                if entry.pins:
-                    continue
-                out.append(key)
-                freed += entry.size
-        return out
+        return self._catalog.victims(num_bytes)
 
     def keys(self) -> Iterator[bytes]:
         """A snapshot of the catalog's keys."""
-        with self._lock:
-            return iter(list(self._entries))
+        return self._catalog.keys()
 
     def size_of(self, key: bytes) -> int | None:
         """The chunk's size from the catalog, or ``None``."""
-        key = check_key(key)
-        with self._lock:
-            entry = self._entries.get(key)
-            return None if entry is None else entry.size
+        return self._catalog.size_of(key)
 
     @property
     def capacity_bytes(self) -> int:
@@ -283,8 +262,7 @@ class RemoteTier(Tier):
             return self._used + self._reserved
 
     def __len__(self) -> int:
-        with self._lock:
-            return len(self._entries)
+        return len(self._catalog)
 
     def close(self) -> None:
         """Stop serving calls; the chunks stay on the servers. Closes the client if the tier made it."""

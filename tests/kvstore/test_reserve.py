@@ -328,7 +328,7 @@ def test_store_acquire_many_pins_a_prefix_within_the_budget() -> None:
         one = store.acquire_many(keys[:1], max_bytes=1)  # the first hit is always taken
         assert len(one) == 1 and one[0] is not None
         one[0].release()
-        assert all(e.pins == 0 for e in store.tiers[0]._entries.values())  # type: ignore[attr-defined]
+        assert all(e.pins == 0 for e in store.tiers[0]._catalog._entries.values())  # type: ignore[attr-defined]
     finally:
         store.close()
 
