@@ -40,6 +40,9 @@ log = logging.getLogger(__name__)
 
 Fill = Callable[[torch.Tensor], None]
 
+#: Deadline of dropping a refused chunk on the servers (on the loader's thread, never vLLM's).
+_DISCARD_TIMEOUT_S = 0.5
+
 
 class Backend(ABC):
     """A worker's KV destination (see the module docstring)."""
@@ -89,6 +92,10 @@ class Backend(ABC):
     def save(self, key: bytes, nbytes: int, meta: ChunkMeta, fill: Fill) -> bool:
         """Save one chunk that ``fill`` writes into the buffer given to it; ``False`` if not saved."""
 
+    @abstractmethod
+    def discard(self, key: bytes) -> None:
+        """Drop a chunk the worker refused (corrupt, foreign); best effort, never raises."""
+
     def flush(self, timeout: float) -> bool:
         """Wait until pending saves are done (tests, shutdown); ``True`` if they are."""
         return True
@@ -115,7 +122,15 @@ class EmbeddedBackend(Backend):
         out = []
         for tier in self.store.tiers:
             try:
-                out.append(TierChange("stored", tier.name, tuple(tier.keys())))
+                keys = tuple(tier.keys())
+                # The block keys too (from the catalog, no I/O): a KV event names blocks, so without them
+                # what a restarted engine's disk tier holds could never be announced.
+                blocks: list[bytes] = []
+                for key in keys:
+                    meta = tier.get_meta(key)
+                    if meta is not None:  # evicted meanwhile: its key goes, its blocks are unknown
+                        blocks.extend(meta.block_keys)
+                out.append(TierChange("stored", tier.name, keys, tuple(blocks)))
             except Exception as exc:  # a failing medium is reported as empty, never fatal
                 log.warning("kvstrata: cannot list the %s tier: %s", tier.name, exc)
         return out
@@ -148,6 +163,12 @@ class EmbeddedBackend(Backend):
             log.debug("kvstrata: save of a chunk skipped: %s", exc)
             self.count("save_errors")
             return False
+
+    def discard(self, key: bytes) -> None:
+        try:
+            self.store.remove(key)  # its tier events tell the scheduler
+        except Exception as exc:
+            log.warning("kvstrata: cannot drop a refused chunk: %s", exc)
 
     def flush(self, timeout: float) -> bool:
         return self.store.flush(timeout)
@@ -208,6 +229,8 @@ class ServersBackend(Backend):
         self._pending = 0
         self._idle = threading.Condition()
         self._closed = False
+        #: the servers refused a chunk as too large: every chunk would be
+        self._refused = False
         self._thread = threading.Thread(target=self._push_loop, name="kvstrata-save", daemon=True)
         self._thread.start()
 
@@ -243,8 +266,16 @@ class ServersBackend(Backend):
             )
         return handles
 
+    def discard(self, key: bytes) -> None:
+        try:
+            self.client.delete([key], timeout=_DISCARD_TIMEOUT_S)
+        except Exception as exc:  # the next save of the chunk overwrites it anyway
+            log.warning("kvstrata: cannot drop a refused chunk on the servers: %s", exc)
+
     def save(self, key: bytes, nbytes: int, meta: ChunkMeta, fill: Fill) -> bool:
-        if self._closed:
+        if self._closed or self._refused:
+            if self._refused:
+                self.count("saves_refused")
             return False
         buffer = self._saves.take() if nbytes <= self._saves.nbytes else None
         if buffer is None:
@@ -284,7 +315,18 @@ class ServersBackend(Backend):
                 [p.key for p in batch], [p.buffer[: p.nbytes] for p in batch], [p.meta for p in batch]
             )
         except Exception as exc:  # a dead server, a full one: these are future misses
-            log.warning("kvstrata: saving %d chunks to the servers failed: %s", len(batch), exc)
+            if getattr(exc, "code", None) == "too_large" and not self._refused:
+                # Not a passing failure: every chunk has this size, so every save would be refused.
+                self._refused = True
+                log.error(
+                    "kvstrata: the servers refuse chunks of %d bytes (%s); saving is off. Start kvstrata "
+                    "serve with --slot-size at least %d, or lower connector.chunk_tokens",
+                    batch[0].nbytes,
+                    exc,
+                    batch[0].nbytes,
+                )
+            else:
+                log.warning("kvstrata: saving %d chunks to the servers failed: %s", len(batch), exc)
             self.count("save_errors", len(batch))
         else:
             self.count("saved_chunks", len(batch))

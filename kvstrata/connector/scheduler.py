@@ -85,6 +85,11 @@ class _Req:
     #: what get_num_new_matched_tokens last offered: (local tokens, external tokens, tiers of the chunks)
     offer: tuple[int, int, tuple[str, ...]] = (0, 0, ())
     load_planned: bool = False
+    #: the planned load's chunks, from chunk ``load_start`` on (to find the chunk a load error hit)
+    load: tuple[ChunkLoad, ...] = ()
+    load_start: int = 0
+    #: a load of this request failed: it computes from there, and is never offered a load again
+    load_failed: bool = False
     lookup: _Lookup | None = None
 
 
@@ -217,8 +222,17 @@ class SchedulerSide:
         if max_chunks * chunk <= num_computed_tokens:
             return 0, False
         req = self._track(request)
-        if req is None:
+        if req is None or req.load_failed:
+            # After a failed asynchronous load that left nothing valid, vLLM frees the blocks and asks
+            # again: offering the same chunks would fail the same way, over and over.
             return 0, False
+        if req.load_planned:
+            # Asked again after a load was planned: vLLM preempted the request (its blocks, with what
+            # was loaded, are gone). Whatever is offered now needs a load of its own, into the new blocks:
+            # without one, vLLM would wait forever for an asynchronous load, or compute on blocks that
+            # a synchronous one never filled.
+            req.load_planned = False
+            req.load = ()
         keyed = req.chain.extend(request.all_token_ids, max_chunks * self.spec.blocks_per_chunk)
         max_chunks = min(max_chunks, keyed // self.spec.blocks_per_chunk)
         if self.remote:
@@ -233,7 +247,18 @@ class SchedulerSide:
                     return None, False
             held = self._held_embedded(req, max_chunks)
         num_chunks, tiers = held
-        req.held_chunks = max(req.held_chunks, num_chunks)
+        if self.remote:
+            # What the servers hold now is what a save may skip; what they lack must be saved again,
+            # even if this engine pushed it before (a failed push, a restarted or evicting server).
+            for c in range(max_chunks):
+                keys = req.chain.chunk_keys(c)
+                if c < num_chunks:
+                    self._remember(keys)
+                else:
+                    for key in keys:
+                        self._recent.pop(key, None)
+        # (No held_chunks here: an offer is not a load, and the chunks may be gone by the time the request
+        # runs. Saves skip what the catalog or the servers hold when they are planned.)
         external = num_chunks * chunk - num_computed_tokens
         self._count("queried_tokens", request.num_tokens)
         if external <= 0:
@@ -275,12 +300,13 @@ class SchedulerSide:
             )
             loads.append(ChunkLoad(req.chain.chunk_keys(c), ids))
         req.load_planned = True
+        req.load, req.load_start = tuple(loads), local // chunk
         req.held_chunks = max(req.held_chunks, end_chunk)
         req.next_save = max(req.next_save, end_chunk)
         self._loads.append(LoadSpec(request.request_id, tuple(loads), self.remote))
         self._count("hit_tokens", offered)
-        for tier in tiers:
-            self._count(f"hit_tokens_{tier}", chunk)
+        for tier, tokens in self._split_by_tier(local, tiers).items():
+            self._count(f"hit_tokens_{tier}", tokens)
 
     def hit_sources(self, request: Any, num_external_tokens: int) -> dict[str, int]:
         """``num_external_tokens`` split by the tier that supplies them (tier name -> tokens)."""
@@ -288,15 +314,19 @@ class SchedulerSide:
         if req is None or num_external_tokens <= 0:
             return {}
         local, _, tiers = req.offer
-        out: dict[str, int] = {}
-        start_chunk = local // self.spec.chunk_tokens
-        for c, tier in enumerate(tiers):
-            if c < start_chunk:
-                continue
-            lo = max(c * self.spec.chunk_tokens, local)
-            out[tier] = out.get(tier, 0) + (c + 1) * self.spec.chunk_tokens - lo
+        out = self._split_by_tier(local, tiers)
         if sum(out.values()) != num_external_tokens:
             return {}
+        return out
+
+    def _split_by_tier(self, local: int, tiers: Sequence[str]) -> dict[str, int]:
+        """The tokens after ``local`` (vLLM's own hit) of the offered chunks, by the tier holding each."""
+        chunk = self.spec.chunk_tokens
+        out: dict[str, int] = {}
+        for c, tier in enumerate(tiers):
+            lo = max(c * chunk, local)
+            if lo < (c + 1) * chunk:
+                out[tier] = out.get(tier, 0) + (c + 1) * chunk - lo
         return out
 
     def build_plan(self, scheduler_output: Any) -> StepPlan:
@@ -363,6 +393,30 @@ class SchedulerSide:
         while len(self._recent) > _RECENT_SAVES:
             self._recent.popitem(last=False)
 
+    def load_failed(self, block_ids: Iterable[int]) -> None:
+        """vLLM's ``invalid_block_ids``: the blocks whose load failed (reported by the workers, no later
+        than the step that finishes the load). The requests that planned those loads compute from the
+        first failed chunk on, and save what they compute again."""
+        bad = set(block_ids)
+        if not bad:
+            return
+        for req in self._reqs.values():
+            if not req.load_planned or req.load_failed:
+                continue
+            for i, load in enumerate(req.load):
+                if bad.isdisjoint(load.block_ids):
+                    continue
+                # A live request's loaded blocks are its own, so these errors are this load's.
+                first = req.load_start + i
+                for failed in req.load[i:]:  # what the servers were thought to hold: save it anew
+                    for key in failed.keys:
+                        self._recent.pop(key, None)
+                req.load_failed = True
+                req.held_chunks = min(req.held_chunks, first)
+                req.next_save = min(req.next_save, first)
+                self._count("failed_loads")
+                break
+
     def request_finished(self, request: Any) -> None:
         """Forget the request (and cancel its pending lookup)."""
         req = self._reqs.pop(request.request_id, None)
@@ -397,7 +451,9 @@ class SchedulerSide:
                             catalog[key] = left
                         else:
                             del catalog[key]
-                if report.rank == 0 and not report.snapshot:
+                if report.rank == 0 and (change.keys or change.kind == "cleared"):
+                    # A snapshot's changes too: what a restarted engine's disk tier holds is news to the
+                    # KV-event stream and the index.
                     self._events.append(change)
             with self._lock:
                 for name, value in report.counters.items():

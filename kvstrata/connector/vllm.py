@@ -331,7 +331,9 @@ class KVStrataConnector(KVConnectorBase_V1):
         from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
         assert self._scheduler is not None
-        names = {"host": "HOST", "disk": "DISK", "device": "DEVICE"}
+        # A server's tiers are not this host's: vLLM's HOST and DISK mean the engine's own offloading
+        # tiers, and a remote store reports EXTERNAL_UNSPECIFIED (vLLM's note on CacheHitSource).
+        names = {} if self._scheduler.remote else {"host": "HOST", "disk": "DISK", "device": "DEVICE"}
         out: dict[Any, int] = {}
         for tier, tokens in self._scheduler.hit_sources(request, num_external_tokens).items():
             source = getattr(CacheHitSource, names.get(tier, "EXTERNAL_UNSPECIFIED"), None)
@@ -345,6 +347,9 @@ class KVStrataConnector(KVConnectorBase_V1):
 
     def update_connector_output(self, connector_output: Any) -> None:
         assert self._scheduler is not None
+        invalid = getattr(connector_output, "invalid_block_ids", None)
+        if invalid:
+            self._scheduler.load_failed(invalid)
         meta = getattr(connector_output, "kv_connector_worker_meta", None)
         if isinstance(meta, KVStrataWorkerMetadata):
             for payload in meta.payloads:

@@ -83,6 +83,10 @@ class WorkerSide:
         self._errors_to_report: set[int] = set()
         self._loads: queue.Queue[LoadSpec | None] = queue.Queue()
         self._loader: threading.Thread | None = None
+        #: chunk-sized buffers on the caches' device, one per thread that uses one (saves run on vLLM's
+        #: thread, asynchronous loads on the loader's): the kernels move KV between a cache and a chunk
+        #: on the same device, and the backends' buffers live in host memory
+        self._staging: dict[str, torch.Tensor] = {}
         self._meta = ChunkMeta(fingerprint=spec.layouts[rank].fingerprint, num_tokens=spec.chunk_tokens)
 
     # -- set-up ----------------------------------------------------------------------------------------
@@ -182,6 +186,8 @@ class WorkerSide:
                     except KVStrataError as exc:  # corrupt or foreign: a miss, never wrong KV
                         log.warning("kvstrata: chunk of %s refused: %s", load.req_id, exc)
                         self.backend.count("corrupt_chunks")
+                        # Dropped, so that it is neither offered again nor kept from being saved anew.
+                        self.backend.discard(handle.key)
                 if not failed:
                     self.backend.count("missing_chunks" if handle is None else "load_errors")
                 failed = True  # this chunk and every later one recompute
@@ -195,17 +201,27 @@ class WorkerSide:
         self.backend.count("load_seconds", time.perf_counter() - start)
         self._finish_load(load, bad)
 
+    def _device_buffer(self, use: str, like: torch.Tensor) -> torch.Tensor | None:
+        """The staging buffer for ``use`` when ``like`` is not on the caches' device, else ``None``."""
+        device = self._caches[0].device
+        if like.device == device:
+            return None
+        buffer = self._staging.get(use)
+        if buffer is None:
+            buffer = torch.empty(self._chunk_bytes, dtype=torch.uint8, device=device)
+            self._staging[use] = buffer
+        return buffer
+
     def _scatter(self, handle: ChunkHandle, block_ids: Sequence[int]) -> None:
         data = handle.data
         if data.numel() != self._chunk_bytes:
             raise LayoutError(f"a chunk of {data.numel()} bytes where {self._chunk_bytes} are expected")
-        scatter(
-            data,
-            self._caches,
-            list(block_ids),
-            engine_layout=self.spec.engine_layout,
-            header=read_header(data),
-        )
+        header = read_header(data)  # before any copy: from host memory, no device synchronisation
+        staging = self._device_buffer("load", data)
+        if staging is not None:
+            staging.copy_(data.reshape(-1).view(torch.uint8))
+            data = staging
+        scatter(data, self._caches, list(block_ids), engine_layout=self.spec.engine_layout, header=header)
 
     def _finish_load(self, load: LoadSpec, bad: set[int]) -> None:
         with self._lock:
@@ -249,7 +265,11 @@ class WorkerSide:
             ids = list(item.block_ids)
 
             def fill(buffer: torch.Tensor, ids: list[int] = ids) -> None:
-                gather(self._caches, ids, engine_layout=self.spec.engine_layout, out=buffer)
+                staging = self._device_buffer("save", buffer)
+                out = buffer if staging is None else staging[: buffer.numel()]
+                gather(self._caches, ids, engine_layout=self.spec.engine_layout, out=out)
+                if staging is not None:
+                    buffer.copy_(out)  # synchronous: the buffer is published next
 
             try:
                 if self.backend.save(key, self._chunk_bytes, meta, fill):
