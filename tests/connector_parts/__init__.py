@@ -1,0 +1,1 @@
+"""The connector's halves (keys, metadata, scheduler half, worker half) driven directly, without vLLM."""
