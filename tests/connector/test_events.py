@@ -23,12 +23,13 @@ from typing import Any
 
 import pytest
 
-from kvstrata.connector.spec import EngineSpec, KeyChain
+from kvstrata.connector.spec import KeyChain
 from kvstrata.index.base import InstanceMatch
 from kvstrata.index.ingest import EngineEndpoint, EventIngester, IngestStats
 from kvstrata.index.memory import MemoryBlockIndex
 from tests.conftest import free_port
 from tests.connector.engine import make_prompts, run_engine
+from tests.connector.tiny_model import tiny_spec
 from tests.transport.servers import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -36,17 +37,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 MODEL_ID = "tiny-llama"
 BLOCK = 128
 CHUNK = 256
-SPEC = EngineSpec(
-    model_id=MODEL_ID,
-    num_layers=2,
-    num_kv_heads=2,
-    head_size=64,
-    dtype="float32",
-    block_size=BLOCK,
-    chunk_tokens=CHUNK,
-    tp_size=1,
-    engine_layout="cpu_packed",
-)
+SPEC = tiny_spec(model_id=MODEL_ID, block_size=BLOCK, chunk_tokens=CHUNK)
 #: 600 tokens: 4 full blocks, 2 chunks; 300: 2 blocks, 1 chunk; 400: 3 blocks but 1 chunk, so the GPU
 #: (vLLM's blocks) and kvstrata's tiers (whole chunks) hold it to different depths.
 PROMPTS = [

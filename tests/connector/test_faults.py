@@ -24,9 +24,10 @@ from typing import Any
 import pytest
 
 from kvstrata.client import Client
-from kvstrata.connector.spec import EngineSpec, KeyChain
+from kvstrata.connector.spec import KeyChain
 from tests.conftest import free_port
 from tests.connector.engine import make_prompts, run_engine
+from tests.connector.tiny_model import tiny_spec
 from tests.transport.faulty_transport import FaultyProxy
 from tests.transport.servers import ServeProcess, wait_until
 
@@ -36,17 +37,7 @@ MODEL_ID = "tiny-llama"  # the connector's namespace names this, not the model's
 BLOCK = 128
 CHUNK = 256  # the connector's default chunk: 256 tokens, two blocks
 #: The tiny model's KV geometry as the connector sees it (tests/connector/tiny_model.py, CPU build).
-SPEC = EngineSpec(
-    model_id=MODEL_ID,
-    num_layers=2,
-    num_kv_heads=2,
-    head_size=64,
-    dtype="float32",
-    block_size=BLOCK,
-    chunk_tokens=CHUNK,
-    tp_size=1,
-    engine_layout="cpu_packed",
-)
+SPEC = tiny_spec(model_id=MODEL_ID, block_size=BLOCK, chunk_tokens=CHUNK)
 #: Two chunks, one chunk, one chunk (and a partial block each, since a hit never covers the last token).
 PROMPTS = [
     make_prompts(512, 1, 600, seed=21)[0],

@@ -29,10 +29,11 @@ import pytest
 import torch
 
 from kvstrata.client import Client
-from kvstrata.connector.spec import EngineSpec, KeyChain
+from kvstrata.connector.spec import KeyChain
 from kvstrata.transport.shm import SHM_DIR
 from tests.conftest import free_port, require
 from tests.connector.engine import REPO_ROOT, engine_env, make_prompts, run_engine
+from tests.connector.tiny_model import tiny_spec
 from tests.transport.servers import ServeProcess
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -484,19 +485,7 @@ def test_a_load_that_fails_is_recomputed_and_saved_again(
     then compute (it used to be offered the same chunks without a load planned, and waited forever for
     one), generate the right tokens, and save its chunks anew: after a reset they load."""
     salt = "failed-loads"
-    config = json.loads((tiny_model / "config.json").read_text(encoding="utf-8"))
-    spec = EngineSpec(
-        model_id=str(tiny_model),
-        num_layers=config["num_hidden_layers"],
-        num_kv_heads=config["num_key_value_heads"],
-        head_size=config["head_dim"],
-        dtype="float32",
-        block_size=BLOCK,
-        chunk_tokens=CHUNK,
-        tp_size=1,
-        engine_layout="cpu_packed",
-        tenant_salt=salt,
-    )
+    spec = tiny_spec(tiny_model, block_size=BLOCK, chunk_tokens=CHUNK, tenant_salt=salt)
     keys = []
     for prompt in prompts:
         chain = KeyChain(spec)

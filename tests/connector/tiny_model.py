@@ -11,6 +11,9 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
+
+from kvstrata.connector.spec import EngineSpec
 
 #: The words of the tokenizer's vocabulary after the special tokens; ``build_tiny_llama`` pads them with
 #: ``w<N>`` up to ``vocab`` entries.
@@ -106,6 +109,27 @@ def build_tiny_llama(
         json.dumps({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3}), encoding="utf-8"
     )
     return out
+
+
+def tiny_spec(model_dir: str | Path | None = None, **fields: Any) -> EngineSpec:
+    """The connector's view of a tiny model on the CPU build: its geometry from ``model_dir``'s config
+    (the defaults of :func:`build_tiny_llama` without one), block 128, chunks of 256, fp32, TP 1; any
+    field may be overridden (``model_id`` is the namespace's name, given in the connector's config)."""
+    config: dict[str, Any] = {"num_hidden_layers": 2, "num_key_value_heads": 2, "head_dim": 64}
+    if model_dir is not None:
+        config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    spec: dict[str, Any] = {
+        "model_id": str(model_dir or ""),
+        "num_layers": config["num_hidden_layers"],
+        "num_kv_heads": config["num_key_value_heads"],
+        "head_size": config["head_dim"],
+        "dtype": "float32",
+        "block_size": 128,
+        "chunk_tokens": 256,
+        "tp_size": 1,
+        "engine_layout": "cpu_packed",
+    }
+    return EngineSpec(**{**spec, **fields})
 
 
 def main() -> None:
