@@ -198,6 +198,7 @@ class SchedulerSide:
         if lookup.result is None:
             try:
                 lookup.result = lookup.future.result(timeout=self._lookup_wait)
+                self._servers_answered(req, lookup.num_chunks, lookup.result[0])
             except concurrent.futures.TimeoutError:
                 if time.monotonic() - lookup.started < self._lookup_timeout:
                     return None  # ask again next step
@@ -211,6 +212,17 @@ class SchedulerSide:
                 lookup.result = (0, ())
         count, tiers = lookup.result
         return min(count, num_chunks), tiers[: min(count, num_chunks)]
+
+    def _servers_answered(self, req: _Req, asked: int, found: int) -> None:
+        """Once per lookup answer: what the servers hold now is what a save may skip; what they lack must
+        be saved again, even if this engine pushed it before (a failed push, a restarted server)."""
+        for c in range(asked):
+            keys = req.chain.chunk_keys(c)
+            if c < found:
+                self._remember(keys)
+            else:
+                for key in keys:
+                    self._recent.pop(key, None)
 
     # -- vLLM's scheduler hooks ------------------------------------------------------------------------
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
@@ -247,16 +259,6 @@ class SchedulerSide:
                     return None, False
             held = self._held_embedded(req, max_chunks)
         num_chunks, tiers = held
-        if self.remote:
-            # What the servers hold now is what a save may skip; what they lack must be saved again,
-            # even if this engine pushed it before (a failed push, a restarted or evicting server).
-            for c in range(max_chunks):
-                keys = req.chain.chunk_keys(c)
-                if c < num_chunks:
-                    self._remember(keys)
-                else:
-                    for key in keys:
-                        self._recent.pop(key, None)
         # (No held_chunks here: an offer is not a load, and the chunks may be gone by the time the request
         # runs. Saves skip what the catalog or the servers hold when they are planned.)
         external = num_chunks * chunk - num_computed_tokens
