@@ -41,7 +41,7 @@ import struct
 import time
 from abc import abstractmethod
 from collections.abc import Sequence
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any, ClassVar, Self
 
 import msgspec
 import torch
@@ -119,7 +119,7 @@ class _Sealed(_Meta, kw_only=True):
             crc = p.checksum(struct.pack(f"<I{len(values)}q", len(values), *values), crc)
         return crc
 
-    def sealed(self) -> Any:
+    def sealed(self) -> Self:
         """This reply with its seal set (the server's side)."""
         self.seal = self._compute_seal()
         return self
